@@ -1,0 +1,57 @@
+"""Every touch of PEFT internals lives here.
+
+PEFT's public ``register_peft_method`` refuses names outside its own ``PeftType`` enum, so an out-of-tree method
+registers by filling the three method mappings PEFT dispatches through (config class, tuner class, key prefix).
+PEFT 0.21 dispatches saving and loading through the tuner class, so a string ``peft_type`` round-trips.
+"""
+
+from __future__ import annotations
+
+import peft
+from packaging.version import Version
+
+ORTHORA_PEFT_TYPE = "ORTHORA"
+MIN_PEFT = Version("0.21.0")
+
+
+def check_peft_version() -> None:
+    if Version(peft.__version__) < MIN_PEFT:
+        raise ImportError(
+            f"orthora needs peft>={MIN_PEFT} (its state-dict handling lets out-of-tree methods save and load); "
+            f"found peft=={peft.__version__}. Run: pip install -U 'peft>={MIN_PEFT}'"
+        )
+
+
+def register(config_cls: type, tuner_cls: type, prefix: str) -> None:
+    """Make ``get_peft_model``, ``PeftConfig.from_pretrained`` and ``PeftModel.from_pretrained`` know orthora."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    PEFT_TYPE_TO_CONFIG_MAPPING[ORTHORA_PEFT_TYPE] = config_cls
+    PEFT_TYPE_TO_TUNER_MAPPING[ORTHORA_PEFT_TYPE] = tuner_cls
+    PEFT_TYPE_TO_PREFIX_MAPPING[ORTHORA_PEFT_TYPE] = prefix
+
+
+def default_target_modules() -> dict[str, list[str]]:
+    """PEFT's per-architecture defaults for orthogonal methods, plus architectures it does not list."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING
+
+    mapping = {k: list(v) for k, v in TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING.items()}
+    mapping.setdefault("distilbert", ["q_lin", "v_lin"])
+    mapping.setdefault("vit", ["query", "value"])
+    mapping.setdefault("mbart", ["q_proj", "v_proj"])
+    mapping.setdefault("marian", ["q_proj", "v_proj"])
+    return mapping
+
+
+def expand_all_linear(config, model):
+    """Resolve target_modules='all-linear' the way PEFT's injection will."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    return _maybe_include_all_linear_layers(config, model)
+
+
+def is_excluded(match) -> bool:
+    """PEFT marks modules removed by exclude_modules with a private sentinel type."""
+    from peft.tuners.tuners_utils import _ExcludedModule
+
+    return isinstance(match, _ExcludedModule)

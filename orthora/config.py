@@ -1,0 +1,189 @@
+"""`OrthoConfig`: the user-facing configuration of an orthora adapter.
+
+Everything that can be checked without the model is checked here, in ``__post_init__``, so a bad value is
+reported before any weight is touched. Checks that need layer widths run in the tuner's pre-injection pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._peft_compat import ORTHORA_PEFT_TYPE
+
+SIDES = ("output", "input", "both")
+PARAMETRIZATIONS = ("cayley", "cayley_neumann", "exp", "householder")
+EXACT_PARAMETRIZATIONS = ("cayley", "exp", "householder")
+BIAS_OPTIONS = ("none", "all", "ortho_only")
+
+#: Version of the on-disk adapter layout. Bump it when parameter names or shapes change and add a converter in
+#: `orthora.model.OrthoModel._remap_adapter_state_dict_for_load`, so adapters saved by older releases keep loading.
+FORMAT_VERSION = 1
+
+
+class _DefaultBlockSize(int):
+    """The default block size, distinguishable (by identity) from a block size the user typed.
+
+    It lets ``OrthoConfig(num_blocks=4)`` mean "4 blocks" while ``OrthoConfig(block_size=32, num_blocks=4)``
+    is rejected as ambiguous. It serialises as a plain integer.
+    """
+
+
+DEFAULT_BLOCK_SIZE = _DefaultBlockSize(32)
+
+
+@dataclass
+class OrthoConfig(PeftConfig):
+    """Configuration of an orthora adapter: learnable block-diagonal orthogonal transforms of layer representations.
+
+    For a targeted layer ``f(x) = W x + b``:
+
+    * ``side="output"`` (default): ``y = R f(x)``, merged as ``W' = R W``, ``b' = R b``;
+    * ``side="input"`` (the OFT form): ``y = W (R x) + b``, merged as ``W' = W R``;
+    * ``side="both"``: ``y = R_out W R_in x + R_out b``.
+
+    ``R`` is block diagonal with blocks of ``block_size`` (or ``num_blocks`` blocks); every block is orthogonal by
+    construction through ``parametrization`` and is exactly the identity at initialisation.
+    """
+
+    side: Literal["output", "input", "both"] = field(
+        default="output",
+        metadata={"help": "Which representation to rotate: 'output' (y = R f(x)), 'input' (f(R x)) or 'both'."},
+    )
+    block_size: Optional[int] = field(
+        default=DEFAULT_BLOCK_SIZE,
+        metadata={"help": "Size b of each orthogonal block (must divide the rotated width). Exclusive with num_blocks."},
+    )
+    num_blocks: Optional[int] = field(
+        default=None,
+        metadata={"help": "Number k of orthogonal blocks per layer (block size = width / k). Exclusive with block_size."},
+    )
+    parametrization: Literal["cayley", "cayley_neumann", "exp", "householder"] = field(
+        default="cayley",
+        metadata={
+            "help": "Map from free parameters to an orthogonal block: 'cayley' (exact, solve), 'exp' (exact, matrix "
+            "exponential), 'householder' (exact, product of reflections) or 'cayley_neumann' (truncated Neumann series "
+            "of the same Cayley map: faster, approximately orthogonal)."
+        },
+    )
+    neumann_terms: int = field(
+        default=5, metadata={"help": "Number of Neumann-series terms for parametrization='cayley_neumann'."}
+    )
+    num_reflections: int = field(
+        default=2,
+        metadata={"help": "Householder reflections per block (even, so the adapter starts at the identity)."},
+    )
+    block_share: bool = field(
+        default=False, metadata={"help": "Share one rotation across all blocks of a layer (k times fewer parameters)."}
+    )
+    max_angle: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Constrained variant: keep the Frobenius norm of each block's skew-symmetric generator within "
+            "this radius (a bound on how far R can move from the identity). None = unconstrained."
+        },
+    )
+    module_dropout: float = field(
+        default=0.0,
+        metadata={"help": "During training, replace each block's rotation by the identity with this probability."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffix match), a regex, or 'all-linear'. Default: a per-architecture mapping."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave untouched."}
+    )
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "Set to True for layers that store weights as (fan_in, fan_out), e.g. GPT-2's Conv1D."}
+    )
+    bias: Literal["none", "all", "ortho_only"] = field(
+        default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'ortho_only' (targeted layers)."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: every rotation starts at the identity. False: random rotations (for tests only)."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the nn.ModuleList holding the layers (used with layers_to_transform)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Extra modules (e.g. a classifier head) that are trained fully and saved with the adapter."},
+    )
+    format_version: int = field(
+        default=FORMAT_VERSION, metadata={"help": "Adapter file layout version (set automatically)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ORTHORA_PEFT_TYPE
+        self._resolve_block_shape()
+        if self.side not in SIDES:
+            raise ValueError(f"OrthoConfig: unknown side={self.side!r}; valid values are {', '.join(SIDES)}.")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"OrthoConfig: unknown parametrization={self.parametrization!r}; "
+                f"valid values are {', '.join(PARAMETRIZATIONS)}."
+            )
+        if self.bias not in BIAS_OPTIONS:
+            raise ValueError(f"OrthoConfig: unknown bias={self.bias!r}; valid values are {', '.join(BIAS_OPTIONS)}.")
+        if not isinstance(self.neumann_terms, int) or self.neumann_terms < 1:
+            raise ValueError(f"OrthoConfig: neumann_terms must be a positive integer, got {self.neumann_terms!r}.")
+        if not isinstance(self.num_reflections, int) or self.num_reflections < 1:
+            raise ValueError(f"OrthoConfig: num_reflections must be a positive integer, got {self.num_reflections!r}.")
+        if self.parametrization == "householder" and self.init_weights and self.num_reflections % 2:
+            raise ValueError(
+                f"OrthoConfig: num_reflections={self.num_reflections} is odd; the identity initialisation pairs equal "
+                "reflections, so use an even number (e.g. 2 or 4), or init_weights=False."
+            )
+        if self.max_angle is not None and not self.max_angle > 0:
+            raise ValueError(f"OrthoConfig: max_angle must be a positive number or None, got {self.max_angle!r}.")
+        if not 0.0 <= self.module_dropout < 1.0:
+            raise ValueError(f"OrthoConfig: module_dropout must be in [0, 1), got {self.module_dropout!r}.")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"OrthoConfig: this adapter uses orthora format version {self.format_version}, but the installed "
+                f"orthora reads versions up to {FORMAT_VERSION}; upgrade orthora to load it."
+            )
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("OrthoConfig: layers_pattern only has an effect together with layers_to_transform.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("OrthoConfig: layers_to_transform cannot be used when target_modules is a regex string.")
+
+    def _resolve_block_shape(self) -> None:
+        block_size_is_default = self.block_size is DEFAULT_BLOCK_SIZE
+        if self.num_blocks is not None and block_size_is_default:
+            self.block_size = None
+        if self.block_size is not None and self.num_blocks is not None:
+            raise ValueError(
+                f"OrthoConfig: set exactly one of block_size and num_blocks, got block_size={self.block_size} and "
+                f"num_blocks={self.num_blocks} (block_size x num_blocks must equal each layer's width)."
+            )
+        if self.block_size is None and self.num_blocks is None:
+            raise ValueError(
+                "OrthoConfig: set exactly one of block_size and num_blocks; both are None "
+                "(e.g. block_size=32, or num_blocks=8)."
+            )
+        for name in ("block_size", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"OrthoConfig: {name} must be a positive integer, got {value!r}.")
+        if self.block_size is not None:
+            self.block_size = int(self.block_size)  # drop the default marker so it serialises as a plain int
+
+    @property
+    def is_exact(self) -> bool:
+        """True when every rotation is orthogonal to machine precision (all but cayley_neumann)."""
+        return self.parametrization in EXACT_PARAMETRIZATIONS

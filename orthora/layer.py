@@ -1,0 +1,383 @@
+"""Module plumbing: orthora adapter layers that wrap a frozen base layer (PEFT's tuner-layer shape).
+
+The math lives in :mod:`orthora.rotations`; this module only decides *where* a rotation is applied (before or after
+the base layer, along which dimension) and how it is folded into the base weights on merge.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import rotations
+from .config import EXACT_PARAMETRIZATIONS, OrthoConfig
+
+BASE_ADAPTER_NAME = "__base__"  # in mixed batches: samples that use the base model
+
+
+def layer_kind(module: nn.Module) -> Optional[str]:
+    """The orthora layer family for a base module, or None when the type is unsupported."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+SUPPORTED_LAYERS = "torch.nn.Linear, transformers Conv1D (GPT-2), torch.nn.Conv2d and torch.nn.Embedding"
+
+
+def feature_widths(module: nn.Module) -> tuple[Optional[int], int]:
+    """(input width, output width) that an input-/output-side rotation acts on. Embeddings have no input width."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return module.in_features, module.out_features
+    if kind == "conv1d":
+        fan_in, fan_out = module.weight.shape
+        return fan_in, fan_out
+    if kind == "conv2d":
+        return module.in_channels, module.out_channels
+    if kind == "embedding":
+        return None, module.embedding_dim
+    raise TypeError(f"unsupported layer type {type(module).__name__}; orthora supports {SUPPORTED_LAYERS}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def block_shape(width: int, config: OrthoConfig, where: str) -> tuple[int, int]:
+    """(num_blocks, block_size) for a rotation of ``width`` features, or a ValueError naming the valid choices."""
+    if config.block_size is not None:
+        if width % config.block_size:
+            raise ValueError(
+                f"block_size={config.block_size} does not divide the {where} width {width}; "
+                f"valid block sizes are the divisors of {width}: {_divisors(width)}"
+            )
+        return width // config.block_size, config.block_size
+    if width % config.num_blocks:
+        raise ValueError(
+            f"num_blocks={config.num_blocks} does not divide the {where} width {width}; "
+            f"valid numbers of blocks are the divisors of {width}: {_divisors(width)}"
+        )
+    return config.num_blocks, width // config.num_blocks
+
+
+def check_layer(module: nn.Module, config: OrthoConfig) -> None:
+    """Raise a ValueError/TypeError if ``config`` cannot be applied to ``module`` (nothing is changed)."""
+    kind = layer_kind(module)
+    if kind is None:
+        raise TypeError(f"unsupported layer type {type(module).__name__}; orthora supports {SUPPORTED_LAYERS}")
+    d_in, d_out = feature_widths(module)
+    if kind == "embedding" and config.side != "output":
+        raise ValueError(f"side={config.side!r} is not supported for nn.Embedding; use side='output'")
+    if kind == "conv2d" and module.groups != 1:
+        raise ValueError(
+            f"grouped convolutions (groups={module.groups}) cannot be merged after a channel rotation; "
+            "only groups=1 is supported"
+        )
+    if config.side in ("output", "both"):
+        block_shape(d_out, config, "output")
+    if config.side in ("input", "both"):
+        block_shape(d_in, config, "input")
+
+
+class BlockRotation(nn.Module):
+    """One adapter's free parameters for one side of one layer, and the map to its orthogonal blocks.
+
+    ``weight`` holds ``(k, b(b-1)/2)`` generator entries (``(k, r, b)`` reflection vectors for Householder), with
+    ``k = 1`` when blocks share one rotation. The float32 blocks are cached while no autograd graph is needed
+    (evaluation, generation) and recomputed when the parameters change.
+    """
+
+    def __init__(self, width: int, num_blocks: int, block_size: int, config: OrthoConfig) -> None:
+        super().__init__()
+        self.width = width
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.parametrization = config.parametrization
+        self.neumann_terms = config.neumann_terms
+        self.max_angle = config.max_angle
+        self.module_dropout = config.module_dropout
+        self.exact = config.parametrization in EXACT_PARAMETRIZATIONS
+        stored_blocks = 1 if config.block_share else num_blocks
+        init = rotations.identity_parameters(
+            config.parametrization, stored_blocks, block_size, config.num_reflections
+        )
+        self.weight = nn.Parameter(init)
+        if not config.init_weights:
+            with torch.no_grad():
+                self.weight.add_(0.1 * torch.randn_like(self.weight))
+        self._cache: Optional[tuple[tuple, torch.Tensor]] = None
+
+    def extra_repr(self) -> str:
+        shared = ", shared" if self.weight.shape[0] == 1 and self.num_blocks > 1 else ""
+        return f"{self.num_blocks}x({self.block_size}x{self.block_size}), {self.parametrization}{shared}"
+
+    def blocks(self) -> torch.Tensor:
+        """The ``(k or 1, b, b)`` orthogonal blocks in float32 (float64 if the parameters are float64)."""
+        needs_graph = torch.is_grad_enabled() and self.weight.requires_grad
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device, self.weight.dtype)
+        if not needs_graph and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        result = rotations.orthogonal_blocks(
+            self.weight,
+            self.parametrization,
+            self.block_size,
+            neumann_terms=self.neumann_terms,
+            max_angle=self.max_angle,
+            compute_dtype=self.weight.dtype,
+        )
+        self._cache = None if needs_graph else (key, result)
+        return result
+
+    def forward_blocks(self) -> torch.Tensor:
+        """Blocks for a forward pass: with module dropout, each block is the identity with probability p."""
+        blocks = self.blocks()
+        if self.training and self.module_dropout > 0:
+            blocks = blocks.expand(self.num_blocks, -1, -1)
+            keep = torch.rand(self.num_blocks, 1, 1, device=blocks.device) >= self.module_dropout
+            eye = torch.eye(self.block_size, dtype=blocks.dtype, device=blocks.device)
+            blocks = torch.where(keep, blocks, eye)
+        return blocks
+
+    def inverse_blocks(self) -> torch.Tensor:
+        with torch.no_grad():
+            return rotations.invert_blocks(self.blocks(), self.exact)
+
+
+class OrthoLayer(BaseTunerLayer):
+    """Shared logic of all orthora layers: per-adapter rotations keyed by adapter name, as PEFT's layers do."""
+
+    adapter_layer_names: tuple[str, ...] = ("ortho_out", "ortho_in")
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.ortho_out = nn.ModuleDict({})
+        self.ortho_in = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kind = layer_kind(self.get_base_layer())
+        self.in_features, self.out_features = feature_widths(self.get_base_layer())
+        self.kwargs = kwargs
+
+    # ----------------------------------------------------------------------------------------------- adapters
+    def update_layer(self, adapter_name: str, config: OrthoConfig, inference_mode: bool = False, **kwargs: Any) -> None:
+        check_layer(self.get_base_layer(), config)
+        if config.side in ("output", "both"):
+            k, b = block_shape(self.out_features, config, "output")
+            self.ortho_out[adapter_name] = BlockRotation(self.out_features, k, b, config)
+        if config.side in ("input", "both"):
+            k, b = block_shape(self.in_features, config, "input")
+            self.ortho_in[adapter_name] = BlockRotation(self.in_features, k, b, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._keep_adapter_float32(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _keep_adapter_float32(self, adapter_name: str) -> None:
+        # rotations are computed in float32 whatever the base dtype, so keep their parameters there too
+        for table in (self.ortho_out, self.ortho_in):
+            if adapter_name in table and table[adapter_name].weight.dtype in (torch.float16, torch.bfloat16):
+                table[adapter_name].float()
+
+    def _has_adapter(self, name: str) -> bool:
+        return name in self.ortho_out or name in self.ortho_in
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def _rotate_features(self, x: torch.Tensor, rotation: BlockRotation, blocks: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv2d":  # rotate channels (dim 1)
+            return rotations.rotate(x.movedim(1, -1), blocks, exact=rotation.exact).movedim(-1, 1)
+        return rotations.rotate(x, blocks, exact=rotation.exact)
+
+    def _apply_input(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        # input rotations compose in reverse so that the unmerged and merged forms agree (W' = W R_1 R_2 ...)
+        for name in reversed(names):
+            if name in self.ortho_in:
+                rot = self.ortho_in[name]
+                x = self._rotate_features(x, rot, rot.forward_blocks())
+        return x
+
+    def _apply_output(self, y: torch.Tensor, names: list[str]) -> torch.Tensor:
+        for name in names:
+            if name in self.ortho_out:
+                rot = self.ortho_out[name]
+                y = self._rotate_features(y, rot, rot.forward_blocks())
+        return y
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        names = [a for a in self.active_adapters if self._has_adapter(a)]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(self._apply_input(x, names), *args, **kwargs)
+        return self._apply_output(result, names)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each sample of the batch uses its own adapter (``"__base__"`` = none), as PEFT's LoRA offers."""
+        if self.merged:
+            raise ValueError("cannot use adapter_names with merged adapters; unmerge them first")
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"got {len(adapter_names)} adapter names for a batch of {x.shape[0]} samples")
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(adapter_names):
+            groups.setdefault(name, []).append(i)
+        index = {n: torch.tensor(ix, device=x.device) for n, ix in groups.items()}
+        if any(n in self.ortho_in for n in groups):
+            x = x.clone()
+            for name, ix in index.items():
+                if name in self.ortho_in:
+                    x[ix] = self._apply_input(x[ix], [name]).to(x.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        if any(n in self.ortho_out for n in groups):
+            result = result.clone()
+            for name, ix in index.items():
+                if name in self.ortho_out:
+                    result[ix] = self._apply_output(result[ix], [name]).to(result.dtype)
+        return result
+
+    # -------------------------------------------------------------------------------------------------- merge
+    def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight seen as (out, in, ...); GPT-2's Conv1D stores (in, out)."""
+        return weight.T if self.kind == "conv1d" else weight
+
+    def _fold(self, weight: torch.Tensor, bias: Optional[torch.Tensor], out_blocks, in_blocks):
+        """Return (W', b') with blockdiag rotations folded in: W' = R_out W R_in, b' = R_out b (float32 math)."""
+        if self.kind == "embedding":  # rows are embedding vectors; rotate each like an activation
+            return rotations.rotate(weight, out_blocks, exact=False), None
+        w = self._weight_out_in(weight)
+        if in_blocks is not None:
+            if self.kind == "conv2d":  # (o, i, kh, kw): rotate the input-channel dim
+                w = w.permute(0, 2, 3, 1)
+                shape = w.shape
+                w = rotations.rotate_weight_columns(w.reshape(-1, shape[-1]), in_blocks).reshape(shape)
+                w = w.permute(0, 3, 1, 2)
+            else:
+                w = rotations.rotate_weight_columns(w, in_blocks)
+        if out_blocks is not None:
+            w = rotations.rotate_weight_rows(w, out_blocks)
+            if bias is not None:
+                bias = rotations.rotate(bias, out_blocks, exact=False)
+        return self._weight_out_in(w), bias
+
+    def _write_base(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        base = self.get_base_layer()
+        with torch.no_grad():
+            base.weight.data.copy_(weight.to(base.weight.dtype))
+            if bias is not None and base.bias is not None:
+                base.bias.data.copy_(bias.to(base.bias.dtype))
+
+    def _base_float32(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        base = self.get_base_layer()
+        bias = getattr(base, "bias", None)
+        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+        return base.weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the adapters' rotations into the base weights (the result is computed before anything is written)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if not self._has_adapter(name):
+                continue
+            with torch.no_grad():
+                out_blocks = self.ortho_out[name].blocks() if name in self.ortho_out else None
+                in_blocks = self.ortho_in[name].blocks() if name in self.ortho_in else None
+                weight, bias = self._base_float32()
+                weight, bias = self._fold(weight, bias, out_blocks, in_blocks)
+            if safe_merge and not (
+                torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
+            ):
+                raise ValueError(f"NaNs detected in the merged weights; the adapter {name!r} seems to be broken")
+            self._write_base(weight, bias)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo merges in reverse order; for exact rotations the inverse is just the transpose."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if not self._has_adapter(name):
+                continue
+            out_inv = self.ortho_out[name].inverse_blocks() if name in self.ortho_out else None
+            in_inv = self.ortho_in[name].inverse_blocks() if name in self.ortho_in else None
+            with torch.no_grad():
+                weight, bias = self._base_float32()
+                weight, bias = self._fold(weight, bias, out_inv, in_inv)
+            self._write_base(weight, bias)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``W_merged - W`` for one adapter (for inspection; merging multiplies, it does not add)."""
+        with torch.no_grad():
+            out_blocks = self.ortho_out[adapter].blocks() if adapter in self.ortho_out else None
+            in_blocks = self.ortho_in[adapter].blocks() if adapter in self.ortho_in else None
+            weight, bias = self._base_float32()
+            merged, _ = self._fold(weight, bias, out_blocks, in_blocks)
+        return merged - weight
+
+    # PEFT calls these for every method; rotations have no scale to change
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if scale != 1:
+            warnings.warn("orthora rotations have no scale; ignoring set_scale")
+
+    def scale_layer(self, scale: float) -> None:
+        if scale != 1:
+            warnings.warn("orthora rotations have no scale; ignoring scale_layer")
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        return None
+
+
+class Linear(nn.Module, OrthoLayer):
+    """orthora on ``nn.Linear`` and GPT-2's ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: OrthoConfig, **kwargs: Any) -> None:
+        super().__init__()
+        OrthoLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return OrthoLayer.forward(self, x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "orthora." + super().__repr__()
+
+
+class Conv2d(Linear):
+    """orthora on ``nn.Conv2d``: rotates channels, so any kernel shape, stride or dilation works."""
+
+
+class Embedding(Linear):
+    """orthora on ``nn.Embedding``: rotates the embedding vectors (output side)."""
+
+
+def layer_class_for(module: nn.Module) -> type[Linear]:
+    kind = layer_kind(module)
+    if kind in ("linear", "conv1d"):
+        return Linear
+    if kind == "conv2d":
+        return Conv2d
+    if kind == "embedding":
+        return Embedding
+    raise TypeError(f"unsupported layer type {type(module).__name__}; orthora supports {SUPPORTED_LAYERS}")

@@ -1,0 +1,248 @@
+"""Pure tensor functions: orthogonal block matrices from free parameters, and their application.
+
+Conventions: a rotation acts on column vectors, ``y = R x``. A block-diagonal ``R`` with ``k`` blocks of size ``b`` is
+stored as a ``(k, b, b)`` tensor and never materialised as a dense ``(k*b, k*b)`` matrix. Activations are stored as
+rows ``(..., k*b)``, so applying ``R`` to them means ``y[..., i, :] = x[..., i, :] @ R[i].T`` for every block ``i``.
+
+Everything here is a function of tensors only (no modules, no state), so it is easy to test with gradcheck and to
+reuse from the layers, the merge path and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "num_free_parameters",
+    "skew_symmetric",
+    "constrain_generator",
+    "cayley",
+    "cayley_neumann",
+    "exponential",
+    "householder",
+    "orthogonal_blocks",
+    "identity_parameters",
+    "rotate",
+    "rotate_weight_rows",
+    "rotate_weight_columns",
+    "invert_blocks",
+    "orthogonality_error",
+]
+
+
+def num_free_parameters(parametrization: str, block_size: int, num_reflections: int = 2) -> int:
+    """Free parameters of one ``block_size`` x ``block_size`` orthogonal block."""
+    if parametrization == "householder":
+        return num_reflections * block_size
+    return block_size * (block_size - 1) // 2
+
+
+def skew_symmetric(params: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(k, b(b-1)/2)`` free numbers -> ``(k, b, b)`` skew-symmetric generators ``A = U - U^T``."""
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=params.device)
+    upper = params.new_zeros(params.shape[0], block_size, block_size)
+    upper[:, rows, cols] = params
+    return upper - upper.transpose(-1, -2)
+
+
+def constrain_generator(generator: torch.Tensor, max_angle: float) -> torch.Tensor:
+    """Scale each block's generator so its Frobenius norm is at most ``max_angle`` (smooth, differentiable).
+
+    A generator of norm ``r`` moves ``R`` at most about ``r`` away from the identity, which is the constrained-OFT idea
+    (COFT) without an in-place projection of the parameters.
+    """
+    norm = torch.linalg.matrix_norm(generator, keepdim=True)
+    return generator * torch.clamp(max_angle / norm.clamp_min(1e-12), max=1.0)
+
+
+def _eye_like(generator: torch.Tensor) -> torch.Tensor:
+    return torch.eye(generator.shape[-1], dtype=generator.dtype, device=generator.device)
+
+
+def cayley(generator: torch.Tensor) -> torch.Tensor:
+    """Exact Cayley map ``R = (I + A)^-1 (I - A)``, by a batched linear solve (no explicit inverse).
+
+    ``I + A`` is invertible for every real skew-symmetric ``A``, so this never fails.
+    """
+    eye = _eye_like(generator)
+    return torch.linalg.solve(eye + generator, eye - generator)
+
+
+def cayley_neumann(generator: torch.Tensor, terms: int) -> torch.Tensor:
+    """The same Cayley map with ``(I + A)^-1`` replaced by its first ``terms`` Neumann terms ``sum_j (-A)^j``.
+
+    It approximates the *same* rotation as :func:`cayley` (not its transpose), so switching a trained adapter between
+    the two keeps its meaning. Orthogonal only up to ``O(||A||^terms)``.
+    """
+    eye = _eye_like(generator)
+    series = eye
+    power = eye
+    for _ in range(terms - 1):
+        power = -power @ generator
+        series = series + power
+    return series @ (eye - generator)
+
+
+def exponential(generator: torch.Tensor) -> torch.Tensor:
+    """Exact exponential map ``R = exp(A)`` (a rotation in SO(b))."""
+    return torch.linalg.matrix_exp(generator)
+
+
+def householder(vectors: torch.Tensor) -> torch.Tensor:
+    """``(k, r, b)`` vectors -> ``(k, b, b)`` products ``H(v_1) ... H(v_r)`` of reflections ``I - 2 v v^T / v^T v``.
+
+    Batched over blocks; the short loop runs over the ``r`` reflections only.
+    """
+    num_blocks, num_reflections, block_size = vectors.shape
+    units = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    result = torch.eye(block_size, dtype=vectors.dtype, device=vectors.device).expand(num_blocks, -1, -1)
+    for j in range(num_reflections):
+        unit = units[:, j, :]  # (k, b)
+        # result @ (I - 2 u u^T) = result - 2 (result u) u^T
+        result = result - 2.0 * (result @ unit.unsqueeze(-1)) @ unit.unsqueeze(-2)
+    return result
+
+
+def orthogonal_blocks(
+    params: torch.Tensor,
+    parametrization: str,
+    block_size: int,
+    *,
+    neumann_terms: int = 5,
+    max_angle: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Free parameters -> ``(k, b, b)`` orthogonal blocks, computed in ``compute_dtype`` (float32 by default).
+
+    ``params`` is ``(k, b(b-1)/2)`` for the skew-based maps and ``(k, r, b)`` for ``householder``. Low-precision
+    parameters are upcast first, so bf16/fp16 models still get rotations that are orthogonal to float32 precision.
+    """
+    if compute_dtype not in (torch.float32, torch.float64):
+        compute_dtype = torch.float32
+    params = params.to(compute_dtype)
+    if parametrization == "householder":
+        return householder(params)
+    generator = skew_symmetric(params, block_size)
+    if max_angle is not None:
+        generator = constrain_generator(generator, max_angle)
+    if parametrization == "cayley":
+        return cayley(generator)
+    if parametrization == "cayley_neumann":
+        return cayley_neumann(generator, neumann_terms)
+    if parametrization == "exp":
+        return exponential(generator)
+    raise ValueError(
+        f"unknown parametrization {parametrization!r}; valid: cayley, cayley_neumann, exp, householder"
+    )
+
+
+def identity_parameters(
+    parametrization: str, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None
+) -> torch.Tensor:
+    """Parameters whose rotation is exactly the identity.
+
+    Skew maps: zeros. Householder: pairs of equal reflections (``H(v) H(v) = I``) with random directions, so the
+    gradient is not degenerate at the start.
+    """
+    if parametrization != "householder":
+        return torch.zeros(num_blocks, block_size * (block_size - 1) // 2)
+    half = torch.randn(num_blocks, num_reflections // 2, block_size, generator=generator)
+    return half.repeat_interleave(2, dim=1)
+
+
+def _rotate_rows(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(..., k*b)`` -> each block row-vector multiplied by ``R_i^T`` (i.e. ``R_i`` applied to it)."""
+    num_blocks, block_size, _ = blocks.shape
+    lead = x.shape[:-1]
+    if num_blocks == 1:  # shared or single block: one GEMM over all (token, group) rows, no copies
+        return (x.reshape(-1, block_size) @ blocks[0].mT).reshape(*lead, -1)
+    # einsum lets torch pick the batched-GEMM layout; measured faster than bmm on a transposed view on CPU
+    out = torch.einsum("nkb,kcb->nkc", x.reshape(-1, num_blocks, block_size), blocks)
+    return out.reshape(*lead, num_blocks * block_size)
+
+
+class _RotateKeepOutput(torch.autograd.Function):
+    """``y = R x`` blockwise, saving ``y`` instead of ``x`` for the backward pass.
+
+    Because ``R`` is orthogonal, ``x = R^T y`` is recomputed in backward. ``y`` is usually kept alive anyway by the
+    next operation (a linear layer, an activation), so the rotation adds no activation memory of its own.
+    Only valid for exactly orthogonal ``R``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        y = _rotate_rows(x, blocks)
+        ctx.save_for_backward(y, blocks)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        y, blocks = ctx.saved_tensors
+        blocks_t = blocks.mT
+        grad_x = _rotate_rows(grad_y, blocks_t) if ctx.needs_input_grad[0] else None
+        grad_blocks = None
+        if ctx.needs_input_grad[1]:
+            num_blocks, block_size, _ = blocks.shape
+            x = _rotate_rows(y, blocks_t)
+            g = grad_y.reshape(-1, num_blocks, block_size)
+            xr = x.reshape(-1, num_blocks, block_size)
+            # dL/dR_i = sum_n g[n, i, :]^T x[n, i, :]
+            grad_blocks = torch.einsum("nkc,nkb->kcb", g, xr)
+        return grad_x, grad_blocks
+
+
+def rotate(x: torch.Tensor, blocks: torch.Tensor, *, exact: bool = True) -> torch.Tensor:
+    """Apply block-diagonal ``R`` (``(k, b, b)``, or ``(1, b, b)`` shared by all blocks) to the last dim of ``x``.
+
+    ``blocks`` is cast to ``x``'s dtype. With ``exact=True`` (``R`` orthogonal to working precision) the
+    memory-saving backward of :class:`_RotateKeepOutput` is used whenever gradients are needed.
+    """
+    blocks = blocks.to(x.dtype)
+    width = x.shape[-1]
+    num_blocks, block_size, _ = blocks.shape
+    # a single (shared) block acts on every consecutive group of block_size features
+    if width % block_size or (num_blocks > 1 and num_blocks * block_size != width):
+        raise ValueError(f"rotation of width {num_blocks}x{block_size} cannot act on features of width {width}")
+    if exact and torch.is_grad_enabled() and (x.requires_grad or blocks.requires_grad):
+        return _RotateKeepOutput.apply(x, blocks)
+    return _rotate_rows(x, blocks)
+
+
+def _expand_shared(blocks: torch.Tensor, width: int) -> torch.Tensor:
+    num_blocks, block_size, _ = blocks.shape
+    if num_blocks * block_size == width:
+        return blocks
+    return blocks.expand(width // block_size, -1, -1)
+
+
+def rotate_weight_rows(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``blockdiag(R) @ W`` for ``W`` of shape ``(d_out, ...)``: the merged weight of an output-side rotation."""
+    d_out = weight.shape[0]
+    blocks = _expand_shared(blocks, d_out).to(weight.dtype)
+    num_blocks, block_size, _ = blocks.shape
+    w = weight.reshape(num_blocks, block_size, -1)
+    return torch.bmm(blocks, w).reshape(weight.shape)
+
+
+def rotate_weight_columns(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``W @ blockdiag(R)`` for ``W`` of shape ``(d_out, d_in)``: the merged weight of an input-side rotation."""
+    d_out, d_in = weight.shape
+    blocks = _expand_shared(blocks, d_in).to(weight.dtype)
+    num_blocks, block_size, _ = blocks.shape
+    w = weight.reshape(d_out, num_blocks, block_size).transpose(0, 1)  # (k, d_out, b)
+    return torch.bmm(w, blocks).transpose(0, 1).reshape(d_out, d_in)
+
+
+def invert_blocks(blocks: torch.Tensor, exact: bool) -> torch.Tensor:
+    """Inverse of each block: the transpose when exactly orthogonal, a linear solve otherwise."""
+    if exact:
+        return blocks.mT
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device).expand_as(blocks)
+    return torch.linalg.solve(blocks, eye)
+
+
+def orthogonality_error(blocks: torch.Tensor) -> torch.Tensor:
+    """``max |R^T R - I|`` over all blocks (0 for a perfect rotation)."""
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    return (blocks.mT @ blocks - eye).abs().max()
