@@ -16,4 +16,12 @@ from .model import OrthoModel  # noqa: E402
 register(OrthoConfig, OrthoModel, prefix=OrthoModel.prefix)
 
 __version__ = "0.1.0"
-__all__ = ["OrthoConfig", "OrthoModel", "OrthoLayer", "BlockRotation", "rotations", "ORTHORA_PEFT_TYPE", "__version__"]
+__all__ = [
+    "OrthoConfig",
+    "OrthoModel",
+    "OrthoLayer",
+    "BlockRotation",
+    "rotations",
+    "ORTHORA_PEFT_TYPE",
+    "__version__",
+]

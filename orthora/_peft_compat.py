@@ -24,7 +24,11 @@ def check_peft_version() -> None:
 
 def register(config_cls: type, tuner_cls: type, prefix: str) -> None:
     """Make ``get_peft_model``, ``PeftConfig.from_pretrained`` and ``PeftModel.from_pretrained`` know orthora."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
 
     PEFT_TYPE_TO_CONFIG_MAPPING[ORTHORA_PEFT_TYPE] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[ORTHORA_PEFT_TYPE] = tuner_cls

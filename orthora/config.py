@@ -50,15 +50,21 @@ class OrthoConfig(PeftConfig):
 
     side: Literal["output", "input", "both"] = field(
         default="output",
-        metadata={"help": "Which representation to rotate: 'output' (y = R f(x)), 'input' (f(R x)) or 'both'."},
+        metadata={
+            "help": "Which representation to rotate: 'output' (y = R f(x)), 'input' (f(R x)) or 'both'."
+        },
     )
     block_size: Optional[int] = field(
         default=DEFAULT_BLOCK_SIZE,
-        metadata={"help": "Size b of each orthogonal block (must divide the rotated width). Exclusive with num_blocks."},
+        metadata={
+            "help": "Size b of each orthogonal block (must divide the rotated width). Exclusive with num_blocks."
+        },
     )
     num_blocks: Optional[int] = field(
         default=None,
-        metadata={"help": "Number k of orthogonal blocks per layer (block size = width / k). Exclusive with block_size."},
+        metadata={
+            "help": "Number k of orthogonal blocks per layer (block size = width / k). Exclusive with block_size."
+        },
     )
     parametrization: Literal["cayley", "cayley_neumann", "exp", "householder"] = field(
         default="cayley",
@@ -76,7 +82,8 @@ class OrthoConfig(PeftConfig):
         metadata={"help": "Householder reflections per block (even, so the adapter starts at the identity)."},
     )
     block_share: bool = field(
-        default=False, metadata={"help": "Share one rotation across all blocks of a layer (k times fewer parameters)."}
+        default=False,
+        metadata={"help": "Share one rotation across all blocks of a layer (k times fewer parameters)."},
     )
     max_angle: Optional[float] = field(
         default=None,
@@ -87,7 +94,9 @@ class OrthoConfig(PeftConfig):
     )
     module_dropout: float = field(
         default=0.0,
-        metadata={"help": "During training, replace each block's rotation by the identity with this probability."},
+        metadata={
+            "help": "During training, replace each block's rotation by the identity with this probability."
+        },
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -99,24 +108,33 @@ class OrthoConfig(PeftConfig):
         default=None, metadata={"help": "Module names or a regex to leave untouched."}
     )
     fan_in_fan_out: bool = field(
-        default=False, metadata={"help": "Set to True for layers that store weights as (fan_in, fan_out), e.g. GPT-2's Conv1D."}
+        default=False,
+        metadata={
+            "help": "Set to True for layers that store weights as (fan_in, fan_out), e.g. GPT-2's Conv1D."
+        },
     )
     bias: Literal["none", "all", "ortho_only"] = field(
-        default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'ortho_only' (targeted layers)."}
+        default="none",
+        metadata={"help": "Which biases to train: 'none', 'all' or 'ortho_only' (targeted layers)."},
     )
     init_weights: bool = field(
         default=True,
-        metadata={"help": "True: every rotation starts at the identity. False: random rotations (for tests only)."},
+        metadata={
+            "help": "True: every rotation starts at the identity. False: random rotations (for tests only)."
+        },
     )
     layers_to_transform: Optional[Union[list[int], int]] = field(
         default=None, metadata={"help": "Only adapt the layers with these indices."}
     )
     layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the nn.ModuleList holding the layers (used with layers_to_transform)."}
+        default=None,
+        metadata={"help": "Name of the nn.ModuleList holding the layers (used with layers_to_transform)."},
     )
     modules_to_save: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "Extra modules (e.g. a classifier head) that are trained fully and saved with the adapter."},
+        metadata={
+            "help": "Extra modules (e.g. a classifier head) that are trained fully and saved with the adapter."
+        },
     )
     format_version: int = field(
         default=FORMAT_VERSION, metadata={"help": "Adapter file layout version (set automatically)."}
@@ -134,18 +152,26 @@ class OrthoConfig(PeftConfig):
                 f"valid values are {', '.join(PARAMETRIZATIONS)}."
             )
         if self.bias not in BIAS_OPTIONS:
-            raise ValueError(f"OrthoConfig: unknown bias={self.bias!r}; valid values are {', '.join(BIAS_OPTIONS)}.")
+            raise ValueError(
+                f"OrthoConfig: unknown bias={self.bias!r}; valid values are {', '.join(BIAS_OPTIONS)}."
+            )
         if not isinstance(self.neumann_terms, int) or self.neumann_terms < 1:
-            raise ValueError(f"OrthoConfig: neumann_terms must be a positive integer, got {self.neumann_terms!r}.")
+            raise ValueError(
+                f"OrthoConfig: neumann_terms must be a positive integer, got {self.neumann_terms!r}."
+            )
         if not isinstance(self.num_reflections, int) or self.num_reflections < 1:
-            raise ValueError(f"OrthoConfig: num_reflections must be a positive integer, got {self.num_reflections!r}.")
+            raise ValueError(
+                f"OrthoConfig: num_reflections must be a positive integer, got {self.num_reflections!r}."
+            )
         if self.parametrization == "householder" and self.init_weights and self.num_reflections % 2:
             raise ValueError(
                 f"OrthoConfig: num_reflections={self.num_reflections} is odd; the identity initialisation pairs equal "
                 "reflections, so use an even number (e.g. 2 or 4), or init_weights=False."
             )
         if self.max_angle is not None and not self.max_angle > 0:
-            raise ValueError(f"OrthoConfig: max_angle must be a positive number or None, got {self.max_angle!r}.")
+            raise ValueError(
+                f"OrthoConfig: max_angle must be a positive number or None, got {self.max_angle!r}."
+            )
         if not 0.0 <= self.module_dropout < 1.0:
             raise ValueError(f"OrthoConfig: module_dropout must be in [0, 1), got {self.module_dropout!r}.")
         if self.format_version > FORMAT_VERSION:
@@ -158,9 +184,13 @@ class OrthoConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("OrthoConfig: layers_pattern only has an effect together with layers_to_transform.")
+            raise ValueError(
+                "OrthoConfig: layers_pattern only has an effect together with layers_to_transform."
+            )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("OrthoConfig: layers_to_transform cannot be used when target_modules is a regex string.")
+            raise ValueError(
+                "OrthoConfig: layers_to_transform cannot be used when target_modules is a regex string."
+            )
 
     def _resolve_block_shape(self) -> None:
         block_size_is_default = self.block_size is DEFAULT_BLOCK_SIZE

@@ -76,7 +76,9 @@ def check_layer(module: nn.Module, config: OrthoConfig) -> None:
     """Raise a ValueError/TypeError if ``config`` cannot be applied to ``module`` (nothing is changed)."""
     kind = layer_kind(module)
     if kind is None:
-        raise TypeError(f"unsupported layer type {type(module).__name__}; orthora supports {SUPPORTED_LAYERS}")
+        raise TypeError(
+            f"unsupported layer type {type(module).__name__}; orthora supports {SUPPORTED_LAYERS}"
+        )
     d_in, d_out = feature_widths(module)
     if kind == "embedding" and config.side != "output":
         raise ValueError(f"side={config.side!r} is not supported for nn.Embedding; use side='output'")
@@ -172,7 +174,9 @@ class OrthoLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------- adapters
-    def update_layer(self, adapter_name: str, config: OrthoConfig, inference_mode: bool = False, **kwargs: Any) -> None:
+    def update_layer(
+        self, adapter_name: str, config: OrthoConfig, inference_mode: bool = False, **kwargs: Any
+    ) -> None:
         check_layer(self.get_base_layer(), config)
         if config.side in ("output", "both"):
             k, b = block_shape(self.out_features, config, "output")
@@ -194,7 +198,9 @@ class OrthoLayer(BaseTunerLayer):
         return name in self.ortho_out or name in self.ortho_in
 
     # ------------------------------------------------------------------------------------------------ forward
-    def _rotate_features(self, x: torch.Tensor, rotation: BlockRotation, blocks: torch.Tensor) -> torch.Tensor:
+    def _rotate_features(
+        self, x: torch.Tensor, rotation: BlockRotation, blocks: torch.Tensor
+    ) -> torch.Tensor:
         if self.kind == "conv2d":  # rotate channels (dim 1)
             return rotations.rotate(x.movedim(1, -1), blocks, exact=rotation.exact).movedim(-1, 1)
         return rotations.rotate(x, blocks, exact=rotation.exact)
@@ -306,14 +312,16 @@ class OrthoLayer(BaseTunerLayer):
             if safe_merge and not (
                 torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
             ):
-                raise ValueError(f"NaNs detected in the merged weights; the adapter {name!r} seems to be broken")
+                raise ValueError(
+                    f"NaNs detected in the merged weights; the adapter {name!r} seems to be broken"
+                )
             self._write_base(weight, bias)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Undo merges in reverse order; for exact rotations the inverse is just the transpose."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -338,11 +346,11 @@ class OrthoLayer(BaseTunerLayer):
     # PEFT calls these for every method; rotations have no scale to change
     def set_scale(self, adapter: str, scale: float) -> None:
         if scale != 1:
-            warnings.warn("orthora rotations have no scale; ignoring set_scale")
+            warnings.warn("orthora rotations have no scale; ignoring set_scale", stacklevel=2)
 
     def scale_layer(self, scale: float) -> None:
         if scale != 1:
-            warnings.warn("orthora rotations have no scale; ignoring scale_layer")
+            warnings.warn("orthora rotations have no scale; ignoring scale_layer", stacklevel=2)
 
     def unscale_layer(self, scale: Optional[float] = None) -> None:
         return None

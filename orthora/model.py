@@ -75,7 +75,11 @@ class OrthoModel(BaseTuner):
         config = _peft_compat.expand_all_linear(config, model)
         problems: list[str] = []
         for key, module in model.named_modules():
-            if not key or ".base_layer" in key or any(f".{n}." in f".{key}." for n in OrthoLayer.adapter_layer_names):
+            if (
+                not key
+                or ".base_layer" in key
+                or any(f".{n}." in f".{key}." for n in OrthoLayer.adapter_layer_names)
+            ):
                 continue
             match = self._check_target_module_exists(config, key)
             if not match or _peft_compat.is_excluded(match):
@@ -90,8 +94,12 @@ class OrthoModel(BaseTuner):
                 problems.append(f"{key}: {err}")
         if problems:
             more = len(problems) - MAX_REPORTED_PROBLEMS
-            listing = "\n  ".join(problems[:MAX_REPORTED_PROBLEMS]) + (f"\n  ... and {more} more" if more > 0 else "")
-            raise ValueError(f"orthora cannot adapt {len(problems)} targeted module(s); nothing was changed:\n  {listing}")
+            listing = "\n  ".join(problems[:MAX_REPORTED_PROBLEMS]) + (
+                f"\n  ... and {more} more" if more > 0 else ""
+            )
+            raise ValueError(
+                f"orthora cannot adapt {len(problems)} targeted module(s); nothing was changed:\n  {listing}"
+            )
 
     def inject_adapter(
         self,
@@ -116,7 +124,14 @@ class OrthoModel(BaseTuner):
             raise
 
     def _create_and_replace(
-        self, config: OrthoConfig, adapter_name: str, target, target_name, parent, current_key=None, **kwargs: Any
+        self,
+        config: OrthoConfig,
+        adapter_name: str,
+        target,
+        target_name,
+        parent,
+        current_key=None,
+        **kwargs: Any,
     ) -> None:
         if isinstance(target, OrthoLayer):
             target.update_layer(adapter_name, config)
@@ -152,7 +167,9 @@ class OrthoModel(BaseTuner):
         for module in self.modules():
             if isinstance(module, OrthoLayer):
                 handles.append(
-                    module.register_forward_pre_hook(partial(_adapter_names_pre_hook, adapter_names=per_row), with_kwargs=True)
+                    module.register_forward_pre_hook(
+                        partial(_adapter_names_pre_hook, adapter_names=per_row), with_kwargs=True
+                    )
                 )
         encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
         if per_row != list(adapter_names) and encoder is not None and encoder is not self.model:
@@ -160,7 +177,8 @@ class OrthoModel(BaseTuner):
                 if isinstance(module, OrthoLayer):
                     handles.append(
                         module.register_forward_pre_hook(
-                            partial(_adapter_names_pre_hook, adapter_names=list(adapter_names)), with_kwargs=True
+                            partial(_adapter_names_pre_hook, adapter_names=list(adapter_names)),
+                            with_kwargs=True,
                         )
                     )
         try:
@@ -202,4 +220,7 @@ class OrthoModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # rotations are float32 by design (see OrthoLayer._keep_adapter_float32); nothing to cast
         if not autocast_adapter_dtype:
-            warnings.warn("orthora keeps rotation parameters in float32 regardless of autocast_adapter_dtype")
+            warnings.warn(
+                "orthora keeps rotation parameters in float32 regardless of autocast_adapter_dtype",
+                stacklevel=2,
+            )

@@ -203,7 +203,9 @@ def rotate(x: torch.Tensor, blocks: torch.Tensor, *, exact: bool = True) -> torc
     num_blocks, block_size, _ = blocks.shape
     # a single (shared) block acts on every consecutive group of block_size features
     if width % block_size or (num_blocks > 1 and num_blocks * block_size != width):
-        raise ValueError(f"rotation of width {num_blocks}x{block_size} cannot act on features of width {width}")
+        raise ValueError(
+            f"rotation of width {num_blocks}x{block_size} cannot act on features of width {width}"
+        )
     if exact and torch.is_grad_enabled() and (x.requires_grad or blocks.requires_grad):
         return _RotateKeepOutput.apply(x, blocks)
     return _rotate_rows(x, blocks)
