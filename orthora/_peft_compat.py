@@ -10,7 +10,24 @@ from __future__ import annotations
 import peft
 from packaging.version import Version
 
-ORTHORA_PEFT_TYPE = "ORTHORA"
+
+
+class _MethodName(str):
+    """A plain string that also answers ``.value`` and ``.name`` like a ``PeftType`` member.
+
+    PEFT's enum cannot be extended, and transformers' ``load_adapter`` reads ``peft_config.peft_type.value``.
+    """
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
+ORTHORA_PEFT_TYPE = _MethodName("ORTHORA")
 MIN_PEFT = Version("0.21.0")
 
 

@@ -6,6 +6,9 @@ reported before any weight is touched. Checks that need layer widths run in the 
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -213,7 +216,49 @@ class OrthoConfig(PeftConfig):
         if self.block_size is not None:
             self.block_size = int(self.block_size)  # drop the default marker so it serialises as a plain int
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load the config and, for a local adapter folder, check its weights file before any model is touched.
+
+        PEFT injects the adapter layers before it reads the weights, so a truncated or corrupt file would otherwise
+        be discovered only after the base model was modified.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        weights = os.path.join(folder, "adapter_model.safetensors")
+        if os.path.isdir(folder) and os.path.isfile(weights):
+            check_safetensors_file(weights)
+        return config
+
     @property
     def is_exact(self) -> bool:
         """True when every rotation is orthogonal to machine precision (all but cayley_neumann)."""
         return self.parametrization in EXACT_PARAMETRIZATIONS
+
+
+def check_safetensors_file(path: str) -> None:
+    """Raise a ValueError naming ``path`` if it is not a complete safetensors file (header and every tensor's bytes)."""
+    size = os.path.getsize(path)
+
+    def corrupt(reason: str) -> ValueError:
+        return ValueError(
+            f"adapter weights file {path} is corrupt or truncated ({reason}); save or download the adapter again"
+        )
+
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise corrupt(f"{size} bytes, too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise corrupt(f"header claims {header_len} bytes but the file has {size}")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise corrupt(f"unreadable header: {err}") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise corrupt(f"{size} bytes on disk, {expected} expected")

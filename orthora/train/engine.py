@@ -1,0 +1,595 @@
+"""The one training engine: an accelerate loop shared by every task recipe.
+
+Modelled on transformers' ``examples/pytorch/*_no_trainer.py`` scripts. The recipe says what differs between tasks
+(data, head, preprocessing, prediction, metric); this module does the rest: validation of the inputs before any
+step, accelerate setup, the optimisation loop with accumulation, clipping, warmup and mixed precision, periodic
+evaluation with best-adapter tracking, resumable checkpoints, trackers, and atomic writing of every output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from peft import get_peft_model
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer, get_scheduler
+
+from .adapters import build_adapter_config
+from .config import ConfigError, TrainConfig
+from .data import check_columns, check_data_files, load_hub_splits, load_local_split, local_files, truncate
+from .recipes import get_recipe
+from .recipes.base import EvalSet, TaskRecipe
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+BEST_ADAPTER_DIR = "best_adapter"
+MERGED_DIR = "merged_model"
+RESULTS_FILE = "results.json"
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+@dataclass
+class TrainingProgress:
+    """Loop state saved in every checkpoint (next to model, optimizer, scheduler and RNG states)."""
+
+    completed_steps: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    last_eval_step: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state_json": json.dumps(self.__dict__)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(json.loads(state["state_json"]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Atomic outputs
+# ------------------------------------------------------------------------------------------------------------------
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it over ``path``, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=False, default=_json_default)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    return str(value)
+
+
+def replace_dir_atomic(directory: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Fill a fresh temporary folder with ``write(tmp)``, then swap it in place of ``directory``."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp")
+    try:
+        write(tmp)
+        old = None
+        if directory.exists():
+            old = tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old")
+            os.rmdir(old)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Setup helpers
+# ------------------------------------------------------------------------------------------------------------------
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step under ``output_dir/checkpoints`` (temporary folders ignored)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    steps = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return max(steps)[1] if steps else None
+
+
+def resolve_resume_dir(config: TrainConfig) -> Path | None:
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        latest = find_latest_checkpoint(config.output_dir)
+        if latest is None:
+            logger.warning("resume_from_checkpoint=latest: no checkpoint in %s, starting from scratch", config.output_dir)
+        return latest
+    path = Path(config.resume_from_checkpoint)
+    if not path.is_dir():
+        raise ConfigError(f"resume_from_checkpoint {config.resume_from_checkpoint!r} is not a checkpoint folder")
+    if not (path / "progress.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint {config.resume_from_checkpoint!r} holds no orthora checkpoint (progress.json)")
+    return path
+
+
+def load_model_config(config: TrainConfig, recipe: TaskRecipe):
+    try:
+        return AutoConfig.from_pretrained(
+            config.model_name_or_path, trust_remote_code=config.trust_remote_code, **recipe.model_config_overrides()
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(f"cannot load model {config.model_name_or_path!r}: {first_line}") from None
+
+
+def load_tokenizer(config: TrainConfig):
+    name = config.tokenizer_name or config.model_name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(f"cannot load tokenizer {name!r}: {first_line}") from None
+
+
+def load_raw_data(config: TrainConfig, recipe: TaskRecipe) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+    """(train rows, {evaluation split: rows}), from local files when given, else from the Hub."""
+    files = local_files(config)
+    if config.train_file or config.validation_file:
+        if "train" not in files or "validation" not in files:
+            raise ConfigError("local data needs both train_file and validation_file")
+        splits = {split: load_local_split(path, split) for split, path in files.items()}
+        source = {split: f"{split} data file {path!r}" for split, path in files.items()}
+    else:
+        name, config_name = recipe.hub_dataset()
+        name = config.dataset_name or name
+        config_name = config.dataset_config_name or config_name
+        eval_names = recipe.hub_eval_splits()
+        splits = load_hub_splits(name, config_name, ["train", *eval_names])
+        source = {split: f"{split} split of {name!r}" for split in splits}
+    for split, dataset in splits.items():
+        check_columns(dataset, recipe.required_columns(), source[split])
+    train = truncate(splits.pop("train"), config.max_train_samples)
+    evals = {split: truncate(dataset, config.max_eval_samples) for split, dataset in splits.items()}
+    return train, evals
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak accelerator memory when on GPU, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+
+
+def flat_hparams(config: TrainConfig) -> dict[str, Any]:
+    """Scalar-only view of the config for trackers (TensorBoard hparams reject lists, dicts and None)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.to_dict().items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, item in items:
+            name = f"{key}.{sub}" if sub else key
+            flat[name] = item if isinstance(item, (int, float, str, bool)) else str(item)
+    return flat
+
+
+def concat_padded(chunks: list[np.ndarray], pad_value: float) -> np.ndarray:
+    """Concatenate per-batch arrays whose second dimension differs, padding with ``pad_value``."""
+    if chunks[0].ndim == 1:
+        return np.concatenate(chunks)
+    width = max(chunk.shape[1] for chunk in chunks)
+    padded = [
+        np.pad(c, [(0, 0), (0, width - c.shape[1])] + [(0, 0)] * (c.ndim - 2), constant_values=pad_value) for c in chunks
+    ]
+    return np.concatenate(padded)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------------------
+class _Run:
+    """State of one `run()`; split into methods only to keep each step readable."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+
+    # --- everything that can fail on bad input, before any weight is loaded or any step taken ----------------
+    def validate_inputs(self) -> None:
+        config = self.config
+        self.recipe = get_recipe(config)
+        self.peft_config = build_adapter_config(config.method, config.adapter, self.recipe.peft_task_type)
+        check_data_files(config)
+        self.resume_dir = resolve_resume_dir(config)
+        self.model_config = load_model_config(config, self.recipe)
+        self.recipe.check_model_config(self.model_config)
+        self.tokenizer = load_tokenizer(config)
+        self.recipe.check_tokenizer(self.tokenizer)
+
+    def setup_accelerator(self) -> None:
+        config = self.config
+        trackers = None if config.report_to in ("none", "", None) else config.report_to
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=trackers,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        )
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        if not self.accelerator.is_local_main_process:
+            datasets.utils.logging.set_verbosity_error()
+        set_seed(config.seed)
+
+    def prepare_data(self) -> None:
+        config, recipe, accelerator = self.config, self.recipe, self.accelerator
+        with accelerator.main_process_first():
+            raw_train, raw_evals = load_raw_data(config, recipe)
+            self.train_dataset = recipe.preprocess_train(raw_train, self.tokenizer)
+            self.eval_sets: list[EvalSet] = [
+                recipe.preprocess_eval(name, rows, self.tokenizer) for name, rows in raw_evals.items()
+            ]
+        if len(self.train_dataset) == 0:
+            raise ConfigError("the training data is empty after preprocessing")
+
+    def build_model(self) -> None:
+        model = self.recipe.load_model(self.model_config)
+        try:
+            self.model = get_peft_model(model, self.peft_config)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ConfigError(f"adapter {self.config.method!r} cannot be applied to this model: {err}") from None
+        self.trainable_params, self.total_params = count_parameters(self.model)
+        if self.trainable_params == 0:
+            raise ConfigError("the adapter left no trainable parameter (check adapter.target_modules)")
+
+    def build_loaders_and_optimizer(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        pad_to = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
+        collate = self.recipe.collator(self.tokenizer, self.model, pad_to)
+        generator = torch.Generator().manual_seed(config.seed)  # keeps loader seeding off the global RNG (exact resume)
+        train_loader = DataLoader(
+            self.train_dataset, shuffle=True, collate_fn=collate, batch_size=config.per_device_train_batch_size,
+            generator=generator,
+        )
+        eval_loaders = [
+            DataLoader(s.model_inputs, collate_fn=collate, batch_size=config.per_device_eval_batch_size)
+            for s in self.eval_sets
+        ]
+        no_decay = ("bias", "layernorm", "layer_norm", "norm.weight")
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in trainable if not any(k in n.lower() for k in no_decay)], "weight_decay": config.weight_decay},
+            {"params": [p for n, p in trainable if any(k in n.lower() for k in no_decay)], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2)
+        )
+        self.model, self.optimizer, self.train_loader, *self.eval_loaders = accelerator.prepare(
+            self.model, optimizer, train_loader, *eval_loaders
+        )
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps)
+        self.max_steps = config.max_train_steps or config.num_train_epochs * self.steps_per_epoch
+        self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
+        warmup = config.num_warmup_steps if config.num_warmup_steps is not None else math.ceil(config.warmup_ratio * self.max_steps)
+        # The prepared scheduler steps once per process per optimizer step, hence the factor.
+        scheduler = get_scheduler(
+            config.lr_scheduler_type, self.optimizer,
+            num_warmup_steps=warmup * accelerator.num_processes,
+            num_training_steps=self.max_steps * accelerator.num_processes,
+        )
+        self.scheduler = accelerator.prepare(scheduler)
+        self.progress = TrainingProgress()
+        accelerator.register_for_checkpointing(self.progress)
+        self._register_adapter_only_checkpoints()
+
+    def _register_adapter_only_checkpoints(self) -> None:
+        """Checkpoints hold only the trainable weights: the frozen base model is reloaded from its source."""
+        trainable = {n for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
+
+        def keep_trainable(models: list, weights: list[dict], output_dir: str) -> None:
+            for i, state in enumerate(weights):
+                weights[i] = {k: v for k, v in state.items() if k.removeprefix("module.") in trainable}
+
+        self.accelerator.register_save_state_pre_hook(keep_trainable)
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        accelerator, recipe = self.accelerator, self.recipe
+        self.model.eval()
+        results: dict[str, dict[str, float]] = {}
+        for eval_set, loader in zip(self.eval_sets, self.eval_loaders):
+            collected: dict[str, list[np.ndarray]] = defaultdict(list)
+            pads: dict[str, float] = {}
+            started = time.perf_counter()
+            for batch in tqdm(loader, desc=f"eval {eval_set.name}", leave=False, disable=not accelerator.is_local_main_process):
+                with torch.no_grad():
+                    outputs = recipe.predict(self.model, batch, accelerator)
+                tensors = {}
+                for key, (tensor, pad_value) in outputs.items():
+                    pads[key] = pad_value
+                    if tensor.dim() > 1:
+                        tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_value)
+                    tensors[key] = tensor
+                gathered = accelerator.gather_for_metrics(tensors)
+                for key, tensor in gathered.items():
+                    collected[key].append(tensor.float().cpu().numpy() if tensor.is_floating_point() else tensor.cpu().numpy())
+            arrays = {key: concat_padded(chunks, pads[key]) for key, chunks in collected.items()}
+            metrics = recipe.compute_metrics(eval_set, arrays)
+            metrics["runtime_s"] = round(time.perf_counter() - started, 3)
+            results[eval_set.name] = metrics
+        self.model.train()
+        return results
+
+    def track(self, metrics: dict[str, dict[str, float]], epoch: int) -> None:
+        """Record an evaluation, log it, and save the adapter when the tracked metric improves."""
+        progress, accelerator = self.progress, self.accelerator
+        step = progress.completed_steps
+        progress.last_eval_step = step
+        progress.history.append({"step": step, "epoch": epoch, **metrics})
+        accelerator.log({f"eval/{split}/{k}": v for split, m in metrics.items() for k, v in m.items()}, step=step)
+        accelerator.print(f"step {step}: " + "; ".join(f"{s}: {_fmt(m)}" for s, m in metrics.items()))
+        value = metrics[self.eval_sets[0].name].get(self.metric_name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        improved = progress.best_metric is None or (
+            value > progress.best_metric if self.greater_is_better else value < progress.best_metric
+        )
+        if improved:
+            progress.best_metric, progress.best_step = float(value), step
+            self.save_adapter(self.output_dir / BEST_ADAPTER_DIR)
+
+    # --- saving ----------------------------------------------------------------------------------------------------
+    def save_adapter(self, directory: Path) -> None:
+        accelerator = self.accelerator
+        state_dict = accelerator.get_state_dict(self.model)  # collective under FSDP/DeepSpeed: all ranks call it
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(self.model)
+
+            def write(tmp: str) -> None:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+
+            replace_dir_atomic(directory, write)
+        accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> None:
+        accelerator, config = self.accelerator, self.config
+        root = self.output_dir / CHECKPOINTS_DIR
+        final = root / f"step_{self.progress.completed_steps}"
+        tmp = root / f".step_{self.progress.completed_steps}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / "progress.json", {"completed_steps": self.progress.completed_steps})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            if config.checkpoints_total_limit:
+                complete = sorted(
+                    (int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.fullmatch(p.name))
+                )
+                for _, old in complete[: -config.checkpoints_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    # --- the loop ----------------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        config, accelerator, progress = self.config, self.accelerator, self.progress
+        self.metric_name, self.greater_is_better = self.recipe.metric_to_track()
+        if config.metric_for_best_model:
+            self.metric_name = config.metric_for_best_model
+            self.greater_is_better = not self.metric_name.endswith("loss")
+        accelerator.init_trackers("orthora", config=flat_hparams(config))
+
+        initial_metrics = None
+        if config.eval_before_training and self.resume_dir is None:
+            initial_metrics = self.evaluate()
+            accelerator.print("before training: " + "; ".join(f"{s}: {_fmt(m)}" for s, m in initial_metrics.items()))
+
+        resumed_from = 0
+        if self.resume_dir is not None:
+            accelerator.load_state(str(self.resume_dir), strict=False)
+            resumed_from = progress.completed_steps
+            accelerator.print(f"resumed from {self.resume_dir} at step {resumed_from}")
+        starting_epoch = progress.completed_steps // self.steps_per_epoch
+        batches_to_skip = (progress.completed_steps - starting_epoch * self.steps_per_epoch) * config.gradient_accumulation_steps
+
+        total_batch = config.per_device_train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+        accelerator.print(
+            f"training {self.trainable_params:,} of {self.total_params:,} parameters ({config.method}); "
+            f"{len(self.train_dataset)} examples, {self.max_steps} steps, total batch {total_batch}"
+        )
+        bar = tqdm(total=self.max_steps, initial=progress.completed_steps, desc="train",
+                   disable=not accelerator.is_local_main_process)
+        self.model.train()
+        train_started = time.perf_counter()
+        samples_seen = 0
+        running_loss = torch.zeros((), device=accelerator.device)
+        loss_count = 0
+        epoch = starting_epoch
+        for epoch in range(starting_epoch, self.num_epochs):
+            if progress.completed_steps >= self.max_steps:
+                break
+            self.train_loader.set_epoch(epoch)
+            loader = self.train_loader
+            if epoch == starting_epoch and batches_to_skip:
+                loader = accelerator.skip_first_batches(self.train_loader, batches_to_skip)
+            for batch in loader:
+                with accelerator.accumulate(self.model):
+                    loss = self.model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm:
+                        accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad()
+                running_loss += loss.detach().float()
+                loss_count += 1
+                samples_seen += _batch_size(batch) * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                progress.completed_steps += 1
+                bar.update(1)
+                step = progress.completed_steps
+                if step % config.logging_steps == 0:
+                    mean_loss = accelerator.reduce(running_loss / loss_count, "mean").item()
+                    accelerator.log({"train/loss": mean_loss, "train/learning_rate": self.scheduler.get_last_lr()[0]}, step=step)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    running_loss.zero_()
+                    loss_count = 0
+                if config.eval_steps and step % config.eval_steps == 0:
+                    self.track(self.evaluate(), epoch)
+                if isinstance(config.checkpointing_steps, int) and step % config.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                if step >= self.max_steps:
+                    break
+            if config.eval_steps is None and progress.last_eval_step != progress.completed_steps:
+                self.track(self.evaluate(), epoch)
+            if config.checkpointing_steps == "epoch":
+                self.save_checkpoint()
+        bar.close()
+        train_time = time.perf_counter() - train_started
+        if progress.last_eval_step != progress.completed_steps:
+            self.track(self.evaluate(), epoch)
+
+        self.save_adapter(self.output_dir / ADAPTER_DIR)
+        memory, memory_kind = peak_memory_mb(accelerator.device)
+        return {
+            "task": config.task,
+            "task_name": config.task_name,
+            "method": config.method,
+            "model_name_or_path": config.model_name_or_path,
+            "metrics": progress.history[-1] if progress.history else {},
+            "initial_metrics": initial_metrics,
+            "best": {"metric": self.metric_name, "value": progress.best_metric, "step": progress.best_step},
+            "history": progress.history,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_percent": 100.0 * self.trainable_params / self.total_params,
+            "completed_steps": progress.completed_steps,
+            "resumed_from_step": resumed_from,
+            "train_examples": len(self.train_dataset),
+            "train_time_s": train_time,
+            "train_samples_per_s": samples_seen / train_time if train_time > 0 else None,
+            "peak_memory_mb": memory,
+            "peak_memory_kind": memory_kind,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "adapter_dir": str(self.output_dir / ADAPTER_DIR),
+            "best_adapter_dir": str(self.output_dir / BEST_ADAPTER_DIR) if progress.best_step is not None else None,
+            "versions": _versions(),
+            "config": config.to_dict(),
+        }
+
+    def finish(self, results: dict[str, Any]) -> None:
+        config, accelerator = self.config, self.accelerator
+        if config.save_merged_model:
+            if accelerator.is_main_process:
+                merged = accelerator.unwrap_model(self.model).merge_and_unload()
+
+                def write(tmp: str) -> None:
+                    merged.save_pretrained(tmp, safe_serialization=True)
+                    self.tokenizer.save_pretrained(tmp)
+
+                replace_dir_atomic(self.output_dir / MERGED_DIR, write)
+                results["merged_model_dir"] = str(self.output_dir / MERGED_DIR)
+            accelerator.wait_for_everyone()
+        if config.push_to_hub and accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(self.model)
+            unwrapped.push_to_hub(config.hub_model_id)
+            self.tokenizer.push_to_hub(config.hub_model_id)
+        if accelerator.is_main_process:
+            write_json_atomic(self.output_dir / RESULTS_FILE, results)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+
+
+def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+    return len(next(iter(batch.values())))
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "runtime_s")
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+
+
+def _release_process_state(accelerator: Accelerator | None) -> None:
+    """Let a later `run()` in the same Python process pick other accelerate settings (single-process only)."""
+    if accelerator is not None and accelerator.distributed_type == DistributedType.NO:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Fine-tune as ``config`` says; return the results dict (also written to ``output_dir/results.json``).
+
+    Bad input (config, data files, columns, model/task mismatch) raises `ConfigError` before training starts.
+    """
+    wall_started = time.perf_counter()
+    job = _Run(config)
+    job.validate_inputs()
+    job.accelerator = None
+    try:
+        job.setup_accelerator()
+        if job.accelerator.is_main_process:
+            os.makedirs(config.output_dir, exist_ok=True)
+            _write_config_atomic(config, Path(config.output_dir) / "train_config.yaml")
+        job.prepare_data()
+        job.build_model()
+        job.build_loaders_and_optimizer()
+        results = job.train()
+        results["wall_time_s"] = time.perf_counter() - wall_started
+        job.finish(results)
+        return results
+    finally:
+        _release_process_state(job.accelerator)
+
+
+def _write_config_atomic(config: TrainConfig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
+    os.replace(tmp, path)
