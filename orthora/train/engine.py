@@ -37,7 +37,7 @@ from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
 from .adapters import build_adapter_config
 from .config import ConfigError, TrainConfig
-from .data import check_columns, check_data_files, load_hub_splits, load_local_split, local_files, truncate
+from .data import check_data_files, load_hub_splits, load_local_split, local_files, truncate
 from .recipes import get_recipe
 from .recipes.base import EvalSet, TaskRecipe
 
@@ -176,7 +176,7 @@ def load_raw_data(config: TrainConfig, recipe: TaskRecipe) -> tuple[datasets.Dat
         splits = load_hub_splits(name, config_name, ["train", *eval_names])
         source = {split: f"{split} split of {name!r}" for split in splits}
     for split, dataset in splits.items():
-        check_columns(dataset, recipe.required_columns(), source[split])
+        recipe.check_split(dataset, source[split])
     train = truncate(splits.pop("train"), config.max_train_samples)
     evals = {split: truncate(dataset, config.max_eval_samples) for split, dataset in splits.items()}
     return train, evals
@@ -249,7 +249,8 @@ class _Run:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         )
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+        logging.getLogger("orthora").setLevel(logging.INFO if self.accelerator.is_main_process else logging.WARNING)
         if not self.accelerator.is_local_main_process:
             datasets.utils.logging.set_verbosity_error()
         set_seed(config.seed)
@@ -330,7 +331,7 @@ class _Run:
         accelerator, recipe = self.accelerator, self.recipe
         self.model.eval()
         results: dict[str, dict[str, float]] = {}
-        for eval_set, loader in zip(self.eval_sets, self.eval_loaders):
+        for eval_set, loader in zip(self.eval_sets, self.eval_loaders, strict=True):
             collected: dict[str, list[np.ndarray]] = defaultdict(list)
             pads: dict[str, float] = {}
             started = time.perf_counter()

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import ConfigError, TrainConfig
+from ..data import check_columns
 
 
 @dataclass
@@ -50,7 +51,8 @@ class TaskRecipe(ABC):
 
     # --- configuration and data -------------------------------------------------------------------------------
     def check_config(self) -> None:
-        """Task-specific checks of the config alone."""
+        """Task-specific checks of the config alone (default: none)."""
+        return None
 
     @abstractmethod
     def hub_dataset(self) -> tuple[str, str | None]:
@@ -62,6 +64,10 @@ class TaskRecipe(ABC):
     @abstractmethod
     def required_columns(self) -> list[str]:
         """Columns every split must have."""
+
+    def check_split(self, dataset: datasets.Dataset, where: str) -> None:
+        """Raise naming the problem if a loaded split lacks what this task reads."""
+        check_columns(dataset, self.required_columns(), where)
 
     def metric_to_track(self) -> tuple[str, bool]:
         """(metric name, greater is better) for best-checkpoint tracking."""
@@ -86,7 +92,8 @@ class TaskRecipe(ABC):
     def load_model(self, model_config: PretrainedConfig) -> PreTrainedModel: ...
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Task-specific tokenizer requirements (e.g. offsets for QA)."""
+        """Task-specific tokenizer requirements, e.g. offsets for QA (default: none)."""
+        return None
 
     # --- preprocessing ---------------------------------------------------------------------------------------
     @abstractmethod
