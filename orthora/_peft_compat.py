@@ -11,7 +11,6 @@ import peft
 from packaging.version import Version
 
 
-
 class _MethodName(str):
     """A plain string that also answers ``.value`` and ``.name`` like a ``PeftType`` member.
 

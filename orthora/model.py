@@ -142,6 +142,11 @@ class OrthoModel(BaseTuner):
             new_module.requires_grad_(False)  # an added, inactive adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # orthora layers already live on their base layer's device (see OrthoLayer.update_layer), so replacing a
+        # module is a plain setattr; unlike BaseTuner's version it never copies weights onto heads without any
+        setattr(parent, child_name, new_module)
+
     # -------------------------------------------------------------------------------------- mixed batches
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):

@@ -19,11 +19,11 @@ from transformers import (
 VOCAB = 128
 
 
-def tiny_bert(num_labels: int = 2, seed: int = 0, hidden: int = 64):
+def tiny_bert(num_labels: int = 2, seed: int = 0, hidden: int = 64, **overrides):
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels,
+        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels, **overrides,
     )
     return AutoModelForSequenceClassification.from_config(cfg).eval()
 
