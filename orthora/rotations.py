@@ -164,8 +164,9 @@ def _rotate_rows(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 class _RotateKeepOutput(torch.autograd.Function):
     """``y = R x`` blockwise, saving ``y`` instead of ``x`` for the backward pass.
 
-    Because ``R`` is orthogonal, ``x = R^T y`` is recomputed in backward. ``y`` is usually kept alive anyway by the
-    next operation (a linear layer, an activation), so the rotation adds no activation memory of its own.
+    Because ``R`` is orthogonal, ``x = R^T y``, so the gradient of ``R`` is ``(sum g^T y) R`` and ``x`` is never
+    needed. ``y`` is usually kept alive anyway by the next operation (a linear layer, an activation), so the
+    rotation adds no activation memory of its own, and the backward costs two block products like plain autograd.
     Only valid for exactly orthogonal ``R``.
     """
 
@@ -184,11 +185,10 @@ class _RotateKeepOutput(torch.autograd.Function):
         grad_blocks = None
         if ctx.needs_input_grad[1]:
             num_blocks, block_size, _ = blocks.shape
-            x = _rotate_rows(y, blocks_t)
             g = grad_y.reshape(-1, num_blocks, block_size)
-            xr = x.reshape(-1, num_blocks, block_size)
-            # dL/dR_i = sum_n g[n, i, :]^T x[n, i, :]
-            grad_blocks = torch.einsum("nkc,nkb->kcb", g, xr)
+            yr = y.reshape(-1, num_blocks, block_size)
+            # dL/dR_i = sum_n g_i^T x_i with x_i = y_i R_i, i.e. (sum_n g_i^T y_i) R_i: no need to recompute x
+            grad_blocks = torch.bmm(torch.einsum("nkc,nkb->kcb", g, yr), blocks)
         return grad_x, grad_blocks
 
 
