@@ -51,9 +51,16 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
                 i += 1
             else:
                 text = "true"
-        overrides[key.replace("-", "_") if "." not in key else key] = parse_value(text)
+        key = key.replace("-", "_") if "." not in key else key
+        overrides[key] = text if _is_text_field(key) and text.lower() not in ("null", "none", "~") else parse_value(text)
         i += 1
     return TrainConfig.from_dict(apply_overrides(values, overrides))
+
+
+def _is_text_field(key: str) -> bool:
+    """String-typed keys take the command-line text verbatim ('translate: ' must not become a YAML mapping)."""
+    annotation = typing.get_type_hints(TrainConfig).get(key)
+    return annotation is str or annotation == typing.Optional[str]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
