@@ -1,0 +1,74 @@
+"""Smoke test of scripts/benchmark.py: the cost code path on tiny random models, structure and sanity only.
+
+No timing is asserted (timings are never pass/fail); numbers must only be present, finite and positive.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("orthora_benchmark_script", REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_matched_budgets(bench):
+    widths = [(384, 384)] * 4 + [(384, 1536), (1536, 384)]  # one MiniLM layer
+    methods = {m.name: m for m in bench.matched_methods(widths * 6, 32, "all")}
+    assert {"lora-r8", "orthora-cayley-output", "oft-cayley", "oft-cayley_neumann", "hra-r16"} <= set(methods)
+    assert any(n.startswith("boft-") for n in methods)
+    assert methods["orthora-cayley-both"].kwargs["block_size"] == 16
+    assert methods["orthora-householder-output"].kwargs["num_reflections"] % 2 == 0
+
+
+def test_cost_rows_subprocess_workers(bench, tmp_path):
+    """Two methods in two worker subprocesses, interleaved: every column measured, finite and positive."""
+    spec = bench.ModelSpec("bert-tiny", batch=2, seq=16)
+    widths = bench.targeted_widths(bench.build_model(spec), bench.target_modules(spec))
+    methods = bench.matched_methods(widths, 8, "pair")
+    results = bench.run_interleaved(spec, methods, rounds=2, warmup=1, inference_reps=1, log=lambda *_: None)
+    rows = bench.summarize(results, spec)
+    assert [r["method"] for r in rows] == [m.name for m in methods]
+    for row in rows:
+        assert "error" not in row, row
+        for key in ("step_s", "tokens_per_s", "trainable_params", "adapter_kb", "infer_merged_ratio",
+                    "infer_unmerged_ratio", "step_vs_lora", "params_vs_lora"):
+            assert _finite_positive(row[key]), (row["method"], key, row[key])
+        assert row["peak_mem_mb"] is None or math.isfinite(row["peak_mem_mb"])
+    assert rows[0]["step_vs_lora"] == 1.0
+    report = {"profile": "test", "machine": bench.machine_info(), "model": vars(spec), "rows": rows}
+    md = bench.render_cost(report, "pytest")
+    assert "| lora-r" in md and "| orthora-cayley-output" in md
+    jpath, mpath = bench.write_outputs(bench.slim(report), md, "smoke", tmp_path)
+    assert json.loads(jpath.read_text())["rows"][1]["method"] == "orthora-cayley-output"
+    assert mpath.read_text().startswith("## test")
+
+
+def test_gpu_profile_dry_run_in_process(bench):
+    """The GPU profile's code path (Llama decoder, bf16, LM loss) on a tiny config on CPU."""
+    report = bench.run_cost("gpu", dry_run=True, methods="pair", in_process=True, profile_ops=False,
+                            log=lambda *_: None)
+    assert report["model"]["kind"] == "llama" and report["model"]["dtype"] == "bfloat16"
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"lora-r8", "orthora-cayley-output"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert _finite_positive(row["step_s"]) and _finite_positive(row["trainable_params"])
+        assert _finite_positive(row["infer_merged_ratio"])
