@@ -175,6 +175,8 @@ class TrainConfig:
                 raise ConfigError(f"unknown config key {key!r}{suggestion}")
             typed[key] = _coerce(key, value, _field_type(cls, key))
         task = typed.get("task", cls.task)
+        if task not in TASKS:
+            raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         for key in typed:
             tasks = fields[key].metadata.get("tasks", ())
             if tasks and task not in tasks:
