@@ -162,6 +162,9 @@ class OrthoLayer(BaseTunerLayer):
 
     adapter_layer_names: tuple[str, ...] = ("ortho_out", "ortho_in")
     other_param_names: tuple[str, ...] = ()
+    #: "auto": fold exact rotations into the frozen weight when that is cheaper (see rotations.folding_is_cheaper);
+    #: "never": always rotate activations; "always": fold whenever possible (tests, benchmarks).
+    fold_policy: str = "auto"
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -193,6 +196,13 @@ class OrthoLayer(BaseTunerLayer):
         for table in (self.ortho_out, self.ortho_in):
             if adapter_name in table and table[adapter_name].weight.dtype in (torch.float16, torch.bfloat16):
                 table[adapter_name].float()
+
+    def _rotations(self, name: str) -> tuple[BlockRotation | None, BlockRotation | None]:
+        """(output-side, input-side) rotation of adapter ``name``; None where that side is not rotated."""
+        return (
+            self.ortho_out[name] if name in self.ortho_out else None,
+            self.ortho_in[name] if name in self.ortho_in else None,
+        )
 
     def _has_adapter(self, name: str) -> bool:
         return name in self.ortho_out or name in self.ortho_in
@@ -233,8 +243,42 @@ class OrthoLayer(BaseTunerLayer):
         names = [a for a in self.active_adapters if self._has_adapter(a)]
         if not names:
             return self.base_layer(x, *args, **kwargs)
+        if not args and not kwargs and self._should_fold(x, names):
+            return self._folded_forward(x, names[0])
         result = self.base_layer(self._apply_input(x, names), *args, **kwargs)
         return self._apply_output(result, names)
+
+    def _should_fold(self, x: torch.Tensor, names: list[str]) -> bool:
+        if self.fold_policy == "never" or len(names) != 1 or self.kind not in ("linear", "conv1d"):
+            return False
+        base = self.get_base_layer()
+        if type(base) not in (nn.Linear, Conv1D) or base.weight.requires_grad:
+            return False  # quantized or otherwise special layers keep their own forward; trained weights too
+        rots = [t[names[0]] for t in (self.ortho_out, self.ortho_in) if names[0] in t]
+        if not all(r.exact for r in rots):
+            return False
+        if self.fold_policy == "always":
+            return True
+        out_rot, in_rot = self._rotations(names[0])
+        return rotations.folding_is_cheaper(
+            x.numel() // x.shape[-1],
+            self.in_features,
+            self.out_features,
+            out_rot.block_size if out_rot is not None else None,
+            in_rot.block_size if in_rot is not None else None,
+        )
+
+    def _folded_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """One matmul with ``R_out W R_in`` (folded per call) instead of rotating activations."""
+        base = self.get_base_layer()
+        out_rot, in_rot = self._rotations(name)
+        return rotations.folded_linear(
+            x,
+            self._weight_out_in(base.weight),
+            base.bias,
+            out_rot.forward_blocks() if out_rot is not None else None,
+            in_rot.forward_blocks() if in_rot is not None else None,
+        )
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
@@ -305,8 +349,7 @@ class OrthoLayer(BaseTunerLayer):
             if not self._has_adapter(name):
                 continue
             with torch.no_grad():
-                out_blocks = self.ortho_out[name].blocks() if name in self.ortho_out else None
-                in_blocks = self.ortho_in[name].blocks() if name in self.ortho_in else None
+                out_blocks, in_blocks = (r.blocks() if r is not None else None for r in self._rotations(name))
                 weight, bias = self._base_float32()
                 weight, bias = self._fold(weight, bias, out_blocks, in_blocks)
             if safe_merge and not (
@@ -327,8 +370,7 @@ class OrthoLayer(BaseTunerLayer):
             name = self.merged_adapters.pop()
             if not self._has_adapter(name):
                 continue
-            out_inv = self.ortho_out[name].inverse_blocks() if name in self.ortho_out else None
-            in_inv = self.ortho_in[name].inverse_blocks() if name in self.ortho_in else None
+            out_inv, in_inv = (r.inverse_blocks() if r is not None else None for r in self._rotations(name))
             with torch.no_grad():
                 weight, bias = self._base_float32()
                 weight, bias = self._fold(weight, bias, out_inv, in_inv)
@@ -337,8 +379,7 @@ class OrthoLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``W_merged - W`` for one adapter (for inspection; merging multiplies, it does not add)."""
         with torch.no_grad():
-            out_blocks = self.ortho_out[adapter].blocks() if adapter in self.ortho_out else None
-            in_blocks = self.ortho_in[adapter].blocks() if adapter in self.ortho_in else None
+            out_blocks, in_blocks = (r.blocks() if r is not None else None for r in self._rotations(adapter))
             weight, bias = self._base_float32()
             merged, _ = self._fold(weight, bias, out_blocks, in_blocks)
         return merged - weight

@@ -25,6 +25,9 @@ __all__ = [
     "rotate",
     "rotate_weight_rows",
     "rotate_weight_columns",
+    "fold_into_weight",
+    "folded_linear",
+    "folding_is_cheaper",
     "invert_blocks",
     "orthogonality_error",
 ]
@@ -234,6 +237,122 @@ def rotate_weight_columns(weight: torch.Tensor, blocks: torch.Tensor) -> torch.T
     num_blocks, block_size, _ = blocks.shape
     w = weight.reshape(d_out, num_blocks, block_size).transpose(0, 1)  # (k, d_out, b)
     return torch.bmm(w, blocks).transpose(0, 1).reshape(d_out, d_in)
+
+
+def fold_into_weight(
+    weight: torch.Tensor, out_blocks: torch.Tensor | None, in_blocks: torch.Tensor | None
+) -> torch.Tensor:
+    """``blockdiag(R_out) @ W @ blockdiag(R_in)`` for ``W`` of shape ``(d_out, d_in)`` (either side may be None)."""
+    if in_blocks is not None:
+        weight = rotate_weight_columns(weight, in_blocks)
+    if out_blocks is not None:
+        weight = rotate_weight_rows(weight, out_blocks)
+    return weight
+
+
+def _block_outer(a: torch.Tensor, b: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``sum_n a_i[n]^T b_i[n]`` per block ``i`` (``(k, b, b)``, in the blocks' dtype)."""
+    num_blocks, block_size, _ = blocks.shape
+    a = a.reshape(-1, num_blocks, block_size)
+    b = b.reshape(-1, num_blocks, block_size)
+    return torch.einsum("nkc,nkb->kcb", a, b).to(blocks.dtype)
+
+
+def _fold_dtype(out_blocks: torch.Tensor | None, in_blocks: torch.Tensor | None) -> torch.dtype:
+    blocks = out_blocks if out_blocks is not None else in_blocks
+    return torch.float64 if blocks.dtype == torch.float64 else torch.float32
+
+
+class _FoldedLinear(torch.autograd.Function):
+    """``z = x (R_out W R_in)^T + R_out b`` with the rotations folded into the frozen weight.
+
+    Folding costs ``d_out·d_in·b`` once per call instead of ``N·d·b`` per rotated activation, and with orthogonal
+    blocks the backward needs neither the pre-rotation activations nor a gradient of ``W``:
+    ``dR_out = (sum g^T z) R_out`` and ``dR_in = R_in (sum dx^T x)``. The folded weight is recomputed in backward
+    instead of being stored, so memory is the output (output side) and the input (input side), as for LoRA.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_blocks, in_blocks, compute_dtype):
+        work = _fold_dtype(out_blocks, in_blocks)
+        with torch.no_grad():
+            folded = fold_into_weight(weight.to(work), out_blocks, in_blocks).to(compute_dtype)
+            folded_bias = None
+            if bias is not None:
+                folded_bias = (
+                    bias.to(work) if out_blocks is None else rotate(bias.to(work), out_blocks, exact=False)
+                )
+                folded_bias = folded_bias.to(compute_dtype)
+        z = torch.nn.functional.linear(x.to(compute_dtype), folded, folded_bias)
+        ctx.save_for_backward(
+            x if in_blocks is not None else None,
+            weight,
+            z if out_blocks is not None else None,
+            out_blocks,
+            in_blocks,
+        )
+        ctx.compute_dtype = compute_dtype
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z):
+        x, weight, z, out_blocks, in_blocks = ctx.saved_tensors
+        grad_z = grad_z.to(ctx.compute_dtype)
+        grad_x = grad_bias = grad_out = grad_in = None
+        needs_x, _, needs_bias, needs_out, needs_in, _ = ctx.needs_input_grad
+        work = _fold_dtype(out_blocks, in_blocks)
+        if needs_x or needs_in:
+            folded = fold_into_weight(weight.to(work), out_blocks, in_blocks).to(ctx.compute_dtype)
+            grad_x = grad_z @ folded
+        if needs_out:
+            grad_out = torch.bmm(_block_outer(grad_z, z, out_blocks), out_blocks)
+        if needs_in:
+            grad_in = torch.bmm(in_blocks, _block_outer(grad_x, x.to(ctx.compute_dtype), in_blocks))
+        if needs_bias and ctx.bias_dtype is not None:
+            summed = grad_z.reshape(-1, grad_z.shape[-1]).to(work).sum(0)
+            grad_bias = summed if out_blocks is None else rotate(summed, out_blocks.mT, exact=False)
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype) if needs_x else None
+        return grad_x, None, grad_bias, grad_out, grad_in, None
+
+
+def folded_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_blocks: torch.Tensor | None,
+    in_blocks: torch.Tensor | None,
+) -> torch.Tensor:
+    """A frozen linear layer (``weight`` ``(d_out, d_in)``) with exact block rotations on either or both sides.
+
+    Same result as ``rotate(linear(rotate(x, in_blocks), W, b), out_blocks)``, computed by folding the rotations
+    into the weight (see :class:`_FoldedLinear`). Autocast is honoured: the matmul runs in the autocast dtype.
+    Only valid for exactly orthogonal blocks and a weight that is not trained.
+    """
+    device_type = x.device.type
+    compute_dtype = x.dtype
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    elif weight.dtype != x.dtype:
+        compute_dtype = weight.dtype
+    with torch.autocast(device_type=device_type, enabled=False):
+        return _FoldedLinear.apply(x, weight, bias, out_blocks, in_blocks, compute_dtype)
+
+
+def folding_is_cheaper(
+    num_tokens: int, d_in: int, d_out: int, out_block: int | None, in_block: int | None
+) -> bool:
+    """Whether folding (``~d_out·d_in·b`` per call) beats rotating activations (``~N·d·b`` per rotated side).
+
+    With output-side rotations alone this is simply ``N > d_in``.
+    """
+    activations = num_tokens * (d_out * (out_block or 0) + d_in * (in_block or 0))
+    folding = d_out * d_in * ((out_block or 0) + (in_block or 0))
+    return activations > folding
 
 
 def invert_blocks(blocks: torch.Tensor, exact: bool) -> torch.Tensor:

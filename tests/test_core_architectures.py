@@ -10,8 +10,9 @@ from orthora.layer import BlockRotation, OrthoLayer
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-@pytest.mark.parametrize("side", ["output", "both"])
-def test_architecture_forward_backward_merge(name, side):
+@pytest.mark.parametrize("side, fold", [("output", "never"), ("both", "always")])
+def test_architecture_forward_backward_merge(name, side, fold, monkeypatch):
+    monkeypatch.setattr(OrthoLayer, "fold_policy", fold)
     build, task_type, targets, kind = ARCHITECTURES[name]
     torch.manual_seed(0)
     base = build().eval()
@@ -41,7 +42,7 @@ def test_architecture_forward_backward_merge(name, side):
 
 
 def test_default_targets_cover_the_listed_architectures():
-    for name, (build, task_type, _, kind) in ARCHITECTURES.items():
+    for name, (build, task_type, _, _kind) in ARCHITECTURES.items():
         model = get_peft_model(build(), OrthoConfig(task_type=task_type, block_size=16))
         assert any(isinstance(m, OrthoLayer) for m in model.modules()), name
 

@@ -41,9 +41,16 @@ def batch():
     return batch_for("cls", batch=4, length=11)
 
 
+@pytest.fixture(params=["never", "always"])
+def fold_policy(request, monkeypatch):
+    """Run a test with rotations applied to activations and with rotations folded into the weights."""
+    monkeypatch.setattr(OrthoLayer, "fold_policy", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-def test_identity_merge_unmerge_and_orthogonality(side, parametrization, batch):
+def test_identity_merge_unmerge_and_orthogonality(side, parametrization, batch, fold_policy):
     base = tiny_bert()
     reference = logits(base, batch)
     base_weights = {k: v.clone() for k, v in base.state_dict().items()}
@@ -75,7 +82,7 @@ def test_identity_merge_unmerge_and_orthogonality(side, parametrization, batch):
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-def test_optimizer_step_changes_outputs_and_keeps_orthogonality(parametrization, batch):
+def test_optimizer_step_changes_outputs_and_keeps_orthogonality(parametrization, batch, fold_policy):
     model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=TARGETS, block_size=16,
                                                     parametrization=parametrization, side="both"))
     model.train()
@@ -92,6 +99,37 @@ def test_optimizer_step_changes_outputs_and_keeps_orthogonality(parametrization,
     if parametrization != "cayley_neumann":
         for rot in rotation_modules(model):
             assert rotations.orthogonality_error(rot.blocks()) < 1e-5
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_folded_and_activation_paths_give_the_same_loss_and_gradients(side, bias, batch, monkeypatch):
+    grads = {}
+    for policy in ("never", "always"):
+        monkeypatch.setattr(OrthoLayer, "fold_policy", policy)
+        model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=TARGETS, block_size=16, side=side, bias=bias))
+        randomize(model)
+        model.train()
+        torch.manual_seed(0)
+        loss = model(**batch).loss
+        loss.backward()
+        grads[policy] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    (loss_a, ga), (loss_b, gb) = grads["never"], grads["always"]
+    assert abs(loss_a - loss_b) < 1e-5
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_auto_policy_folds_only_when_cheaper(monkeypatch):
+    model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=["query"], block_size=16))
+    layer = next(m for m in model.modules() if isinstance(m, OrthoLayer))
+    calls = []
+    monkeypatch.setattr(rotations, "folded_linear", lambda *a: calls.append(1) or torch.zeros(1))
+    layer(torch.randn(1, 10, 64))  # 10 tokens < 64 input features: rotate activations
+    assert calls == []
+    layer(torch.randn(2, 40, 64))  # 80 tokens > 64: fold
+    assert calls == [1]
 
 
 def test_usage_from_the_readme(tmp_path, batch):
@@ -267,7 +305,7 @@ def test_module_dropout_replaces_blocks_by_identity_only_in_training():
     assert torch.equal(rot.forward_blocks(), rot.blocks())
 
 
-def test_bf16_model_keeps_float32_orthogonal_rotations(batch):
+def test_bf16_model_keeps_float32_orthogonal_rotations(batch, fold_policy):
     model = get_peft_model(tiny_bert().to(torch.bfloat16), OrthoConfig(target_modules=TARGETS, block_size=16))
     rot = rotation_modules(model)[0]
     assert rot.weight.dtype == torch.float32
@@ -327,6 +365,6 @@ def test_hf_trainer_trains_an_orthora_model(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=1,
                              learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
     Trainer(model=model, args=args, train_dataset=data).train()
-    assert any(not torch.equal(b, r.weight) for b, r in zip(before, rotation_modules(model)))
+    assert any(not torch.equal(b, r.weight) for b, r in zip(before, rotation_modules(model), strict=True))
     model.save_pretrained(tmp_path / "adapter")
     assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")

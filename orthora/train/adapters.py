@@ -19,7 +19,9 @@ def adapter_config_class(method: str) -> type[PeftConfig]:
         try:
             import orthora
         except Exception as err:  # noqa: BLE001 - report any import failure as one line
-            raise ConfigError(f"method 'orthora' is unavailable: import orthora failed ({type(err).__name__}: {err})") from None
+            raise ConfigError(
+                f"method 'orthora' is unavailable: import orthora failed ({type(err).__name__}: {err})"
+            ) from None
         return orthora.OrthoConfig
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
@@ -37,7 +39,9 @@ def build_adapter_config(method: str, adapter_kwargs: dict[str, Any], task_type:
     valid = {f.name for f in dataclasses.fields(config_class) if f.init}
     for key in adapter_kwargs:
         if key not in valid or key in ("peft_type", "task_type"):
-            raise ConfigError(f"adapter key {key!r} is not an argument of {config_class.__name__} (method {method!r})")
+            raise ConfigError(
+                f"adapter key {key!r} is not an argument of {config_class.__name__} (method {method!r})"
+            )
     try:
         return config_class(task_type=task_type, **adapter_kwargs)
     except (TypeError, ValueError) as err:

@@ -52,7 +52,9 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
             else:
                 text = "true"
         key = key.replace("-", "_") if "." not in key else key
-        overrides[key] = text if _is_text_field(key) and text.lower() not in ("null", "none", "~") else parse_value(text)
+        overrides[key] = (
+            text if _is_text_field(key) and text.lower() not in ("null", "none", "~") else parse_value(text)
+        )
         i += 1
     return TrainConfig.from_dict(apply_overrides(values, overrides))
 

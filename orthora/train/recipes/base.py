@@ -97,7 +97,9 @@ class TaskRecipe(ABC):
 
     # --- preprocessing ---------------------------------------------------------------------------------------
     @abstractmethod
-    def preprocess_train(self, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset: ...
+    def preprocess_train(
+        self, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
+    ) -> datasets.Dataset: ...
 
     @abstractmethod
     def preprocess_eval(
@@ -105,7 +107,9 @@ class TaskRecipe(ABC):
     ) -> EvalSet: ...
 
     @abstractmethod
-    def collator(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, pad_to_multiple_of: int | None) -> Any: ...
+    def collator(
+        self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, pad_to_multiple_of: int | None
+    ) -> Any: ...
 
     # --- evaluation -------------------------------------------------------------------------------------------
     @abstractmethod

@@ -82,16 +82,22 @@ class GlueRecipe(TaskRecipe):
 
     def load_model(self, model_config: PretrainedConfig):
         return AutoModelForSequenceClassification.from_pretrained(
-            self.config.model_name_or_path, config=model_config, trust_remote_code=self.config.trust_remote_code
+            self.config.model_name_or_path,
+            config=model_config,
+            trust_remote_code=self.config.trust_remote_code,
         )
 
     def _check_labels(self, dataset: datasets.Dataset, name: str) -> None:
         dtype = dataset.features["label"].dtype
         if self.is_regression and not dtype.startswith(("float", "int")):
-            raise ConfigError(f"{name} data: column 'label' must hold numbers for {self.config.task_name}, got {dtype}")
+            raise ConfigError(
+                f"{name} data: column 'label' must hold numbers for {self.config.task_name}, got {dtype}"
+            )
         if not self.is_regression:
             if not dtype.startswith("int"):
-                raise ConfigError(f"{name} data: column 'label' must hold integer class ids 0..{self.num_labels - 1}, got {dtype}")
+                raise ConfigError(
+                    f"{name} data: column 'label' must hold integer class ids 0..{self.num_labels - 1}, got {dtype}"
+                )
             labels = np.asarray(dataset["label"])
             if labels.min() < 0 or labels.max() >= self.num_labels:
                 raise ConfigError(
@@ -131,5 +137,3 @@ class GlueRecipe(TaskRecipe):
         if not self.is_regression:
             predictions, labels = predictions.astype(np.int64), labels.astype(np.int64)
         return glue_metrics(self.config.task_name, predictions, labels)
-
-

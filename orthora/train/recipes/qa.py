@@ -50,7 +50,11 @@ def squad_scores(predictions: dict[str, str], references: dict[str, list[str]]) 
         prediction = predictions.get(qid, "")
         exact[qid] = max(float(normalize_answer(prediction) == normalize_answer(g)) for g in golds)
         f1[qid] = max(_f1(prediction, g) for g in golds)
-    scores = {"exact_match": 100.0 * _mean(exact.values()), "f1": 100.0 * _mean(f1.values()), "total": len(references)}
+    scores = {
+        "exact_match": 100.0 * _mean(exact.values()),
+        "f1": 100.0 * _mean(f1.values()),
+        "total": len(references),
+    }
     has_answer = [q for q, g in references.items() if any(normalize_answer(a) for a in g)]
     no_answer = [q for q in references if q not in set(has_answer)]
     if no_answer:
@@ -104,10 +108,14 @@ def postprocess_qa_predictions(
             for start in top_starts:
                 for end in top_ends:
                     if (
-                        start >= len(offsets) or end >= len(offsets)
-                        or offsets[start] is None or offsets[end] is None
-                        or len(offsets[start]) < 2 or len(offsets[end]) < 2
-                        or end < start or end - start + 1 > max_answer_length
+                        start >= len(offsets)
+                        or end >= len(offsets)
+                        or offsets[start] is None
+                        or offsets[end] is None
+                        or len(offsets[start]) < 2
+                        or len(offsets[end]) < 2
+                        or end < start
+                        or end - start + 1 > max_answer_length
                     ):
                         continue
                     candidates.append((starts[start] + ends[end], offsets[start][0], offsets[end][1]))
@@ -146,12 +154,16 @@ class QuestionAnsweringRecipe(TaskRecipe):
 
     def load_model(self, model_config: PretrainedConfig):
         return AutoModelForQuestionAnswering.from_pretrained(
-            self.config.model_name_or_path, config=model_config, trust_remote_code=self.config.trust_remote_code
+            self.config.model_name_or_path,
+            config=model_config,
+            trust_remote_code=self.config.trust_remote_code,
         )
 
     def check_tokenizer(self, tokenizer) -> None:
         if not tokenizer.is_fast:
-            raise ConfigError("extractive QA needs a fast tokenizer (for offset mappings); this model only has a slow one")
+            raise ConfigError(
+                "extractive QA needs a fast tokenizer (for offset mappings); this model only has a slow one"
+            )
         self.pad_on_right = tokenizer.padding_side == "right"
         if self.config.max_seq_length > tokenizer.model_max_length:
             raise ConfigError(
@@ -159,7 +171,9 @@ class QuestionAnsweringRecipe(TaskRecipe):
             )
 
     def _encode(self, batch: dict[str, list], tokenizer) -> Any:
-        questions = [q.lstrip() for q in batch[self.config.question_column]]  # leading spaces waste window room
+        questions = [
+            q.lstrip() for q in batch[self.config.question_column]
+        ]  # leading spaces waste window room
         contexts = batch[self.config.context_column]
         return tokenizer(
             questions if self.pad_on_right else contexts,
@@ -193,7 +207,9 @@ class QuestionAnsweringRecipe(TaskRecipe):
             encoded["start_positions"], encoded["end_positions"] = [], []
             for i, offsets in enumerate(offsets_list):
                 input_ids = encoded["input_ids"][i]
-                cls_index = input_ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in input_ids else 0
+                cls_index = (
+                    input_ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in input_ids else 0
+                )
                 sequence_ids = encoded.sequence_ids(i)
                 answer = batch[self.config.answer_column][sample_map[i]]
                 if not answer["answer_start"]:
@@ -246,7 +262,10 @@ class QuestionAnsweringRecipe(TaskRecipe):
 
     def predict(self, model, batch, accelerator):
         outputs = model(**batch)
-        return {"start_logits": (outputs.start_logits.float(), -1e4), "end_logits": (outputs.end_logits.float(), -1e4)}
+        return {
+            "start_logits": (outputs.start_logits.float(), -1e4),
+            "end_logits": (outputs.end_logits.float(), -1e4),
+        }
 
     def compute_metrics(self, eval_set, outputs):
         config = self.config

@@ -39,7 +39,10 @@ def rouge_metrics(predictions: list[str], references: list[str]) -> dict[str, fl
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
     totals = dict.fromkeys(["rouge1", "rouge2", "rougeL", "rougeLsum"], 0.0)
     for prediction, reference in zip(predictions, references, strict=True):
-        scores = scorer.score("\n".join(_SENTENCE_END.split(reference.strip())), "\n".join(_SENTENCE_END.split(prediction.strip())))
+        scores = scorer.score(
+            "\n".join(_SENTENCE_END.split(reference.strip())),
+            "\n".join(_SENTENCE_END.split(prediction.strip())),
+        )
         for key in totals:
             totals[key] += scores[key].fmeasure
     count = max(len(predictions), 1)
@@ -65,17 +68,23 @@ class Seq2SeqRecipe(TaskRecipe):
             )
         super().check_model_config(model_config)
         if model_config.model_type == "t5" and self.config.source_prefix is None:
-            logger.warning("T5 expects a task prefix: set source_prefix (e.g. 'summarize: ' or 'translate English to German: ')")
+            logger.warning(
+                "T5 expects a task prefix: set source_prefix (e.g. 'summarize: ' or 'translate English to German: ')"
+            )
 
     def check_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
     def load_model(self, model_config: PretrainedConfig):
         model = AutoModelForSeq2SeqLM.from_pretrained(
-            self.config.model_name_or_path, config=model_config, trust_remote_code=self.config.trust_remote_code
+            self.config.model_name_or_path,
+            config=model_config,
+            trust_remote_code=self.config.trust_remote_code,
         )
         if model.config.decoder_start_token_id is None:
-            raise ConfigError("the model config has no decoder_start_token_id, so it cannot be trained for generation")
+            raise ConfigError(
+                "the model config has no decoder_start_token_id, so it cannot be trained for generation"
+            )
         return model
 
     @abstractmethod
@@ -86,7 +95,9 @@ class Seq2SeqRecipe(TaskRecipe):
 
         def tokenize(batch: dict[str, list]) -> dict[str, list]:
             sources, targets = self.sources_and_targets(batch)
-            encoded = tokenizer([prefix + s for s in sources], max_length=self.config.max_source_length, truncation=True)
+            encoded = tokenizer(
+                [prefix + s for s in sources], max_length=self.config.max_source_length, truncation=True
+            )
             labels = tokenizer(text_target=targets, max_length=self.config.max_target_length, truncation=True)
             encoded["labels"] = labels["input_ids"]
             return encoded
@@ -98,10 +109,14 @@ class Seq2SeqRecipe(TaskRecipe):
 
     def preprocess_eval(self, name, dataset, tokenizer) -> EvalSet:
         features = self._tokenize(dataset, tokenizer, f"Tokenizing {name}")
-        return EvalSet(name=name, examples=dataset, features=features, model_inputs=features.remove_columns(["labels"]))
+        return EvalSet(
+            name=name, examples=dataset, features=features, model_inputs=features.remove_columns(["labels"])
+        )
 
     def collator(self, tokenizer, model, pad_to_multiple_of):
-        return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of)
+        return DataCollatorForSeq2Seq(
+            tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of
+        )
 
     def generation_kwargs(self) -> dict:
         return {"max_new_tokens": self.config.generation_max_length, "num_beams": self.config.num_beams}
@@ -130,13 +145,20 @@ class TranslationRecipe(Seq2SeqRecipe):
     def check_config(self) -> None:
         super().check_config()
         if not self.config.source_lang or not self.config.target_lang:
-            raise ConfigError("translation needs source_lang and target_lang (keys of the 'translation' column, e.g. en, de)")
+            raise ConfigError(
+                "translation needs source_lang and target_lang (keys of the 'translation' column, e.g. en, de)"
+            )
         # mBART-style codes (en_XX) name the data keys by their language part.
         self.source_key = self.config.source_lang.split("_")[0]
         self.target_key = self.config.target_lang.split("_")[0]
 
     def hub_dataset(self) -> tuple[str, str | None]:
-        return "wmt/wmt16", f"{self.target_key}-{self.source_key}" if self.target_key != "en" else f"{self.source_key}-{self.target_key}"
+        return (
+            "wmt/wmt16",
+            f"{self.target_key}-{self.source_key}"
+            if self.target_key != "en"
+            else f"{self.source_key}-{self.target_key}",
+        )
 
     def required_columns(self) -> list[str]:
         return ["translation"]
@@ -148,7 +170,9 @@ class TranslationRecipe(Seq2SeqRecipe):
             for key in (self.source_key, self.target_key):
                 if not isinstance(row, dict) or key not in row:
                     present = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                    raise ConfigError(f"{where}: column 'translation' has no language key {key!r} (it has: {present})")
+                    raise ConfigError(
+                        f"{where}: column 'translation' has no language key {key!r} (it has: {present})"
+                    )
         else:
             check_columns(dataset, [self.source_key, self.target_key], where)
 
@@ -160,12 +184,18 @@ class TranslationRecipe(Seq2SeqRecipe):
         if self.config.forced_bos_token:
             token_id = tokenizer.convert_tokens_to_ids(self.config.forced_bos_token)
             if token_id is None or token_id == tokenizer.unk_token_id:
-                raise ConfigError(f"forced_bos_token {self.config.forced_bos_token!r} is not in the tokenizer's vocabulary")
+                raise ConfigError(
+                    f"forced_bos_token {self.config.forced_bos_token!r} is not in the tokenizer's vocabulary"
+                )
             self.forced_bos_token_id = token_id
 
     def load_model(self, model_config: PretrainedConfig):
-        if getattr(model_config, "decoder_start_token_id", None) is None and hasattr(self.tokenizer, "tgt_lang"):
-            model_config.decoder_start_token_id = self.tokenizer.convert_tokens_to_ids(self.config.target_lang)
+        if getattr(model_config, "decoder_start_token_id", None) is None and hasattr(
+            self.tokenizer, "tgt_lang"
+        ):
+            model_config.decoder_start_token_id = self.tokenizer.convert_tokens_to_ids(
+                self.config.target_lang
+            )
         return super().load_model(model_config)
 
     def generation_kwargs(self) -> dict:
@@ -208,7 +238,9 @@ class SummarizationRecipe(Seq2SeqRecipe):
 
     def check_config(self) -> None:
         super().check_config()
-        known = SUMMARIZATION_COLUMNS.get(self.config.dataset_name or ("" if self.config.train_file else "abisee/cnn_dailymail"))
+        known = SUMMARIZATION_COLUMNS.get(
+            self.config.dataset_name or ("" if self.config.train_file else "abisee/cnn_dailymail")
+        )
         if known:
             self.config.text_column = self.config.text_column or known[0]
             self.config.summary_column = self.config.summary_column or known[1]
