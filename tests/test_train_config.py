@@ -23,17 +23,42 @@ def test_yaml_then_command_line_overrides(tmp_path):
         "task: glue\ntask_name: sst2\nmodel_name_or_path: some/model\nlearning_rate: 3e-4\n"
         "adapter:\n  block_size: 32\n  target_modules: [query, value]\n"
     )
-    config = parse_args([str(path), "--learning_rate", "1e-2", "--adapter.block_size", "16",
-                         "--num_train_epochs=5", "--eval_before_training", "--checkpointing_steps", "epoch"])
-    assert config.learning_rate == pytest.approx(1e-2)  # YAML 1.1 reads 3e-4 as a string; we coerce by field type
+    config = parse_args(
+        [
+            str(path),
+            "--learning_rate",
+            "1e-2",
+            "--adapter.block_size",
+            "16",
+            "--num_train_epochs=5",
+            "--eval_before_training",
+            "--checkpointing_steps",
+            "epoch",
+        ]
+    )
+    assert config.learning_rate == pytest.approx(
+        1e-2
+    )  # YAML 1.1 reads 3e-4 as a string; we coerce by field type
     assert config.adapter == {"block_size": 16, "target_modules": ["query", "value"]}
     assert config.num_train_epochs == 5 and config.eval_before_training is True
     assert config.checkpointing_steps == "epoch"
 
 
 def test_string_values_from_the_command_line_are_kept_verbatim():
-    config = parse_args(["--task", "translation", "--model_name_or_path", "m", "--source_lang", "en",
-                         "--target_lang", "de", "--source_prefix", "translate: "])
+    config = parse_args(
+        [
+            "--task",
+            "translation",
+            "--model_name_or_path",
+            "m",
+            "--source_lang",
+            "en",
+            "--target_lang",
+            "de",
+            "--source_prefix",
+            "translate: ",
+        ]
+    )
     assert config.source_prefix == "translate: "
 
 
@@ -104,8 +129,13 @@ def test_shipped_configs_are_valid(path):
 def test_configs_cover_every_task_and_accelerate_setup():
     names = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")}
     glue = {f"glue/{t}.yaml" for t in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")}
-    others = {"translation/wmt16_en_ro.yaml", "qa/squad.yaml", "qa/squad_v2.yaml",
-              "summarization/cnn_dailymail.yaml", "summarization/xsum.yaml"}
+    others = {
+        "translation/wmt16_en_ro.yaml",
+        "qa/squad.yaml",
+        "qa/squad_v2.yaml",
+        "summarization/cnn_dailymail.yaml",
+        "summarization/xsum.yaml",
+    }
     accelerate = {f"accelerate/{n}.yaml" for n in ("single_gpu", "multi_gpu_ddp", "fsdp", "deepspeed_zero2")}
     assert glue | others | accelerate <= names
     for name in accelerate:

@@ -13,21 +13,72 @@ from safetensors.torch import load_file
 from orthora.train.cli import main
 
 FAMILIES = {
-    "glue": dict(model="bert", data="sst2", args=[
-        "--task", "glue", "--task_name", "sst2", "--adapter", "{block_size: 16, target_modules: [query, value]}",
-    ]),
-    "qa": dict(model="bert", data="squad_v2", args=[
-        "--task", "qa", "--version_2_with_negative", "true", "--max_seq_length", "48", "--doc_stride", "16",
-        "--adapter", "{block_size: 16, target_modules: [query, value]}",
-    ]),
-    "translation": dict(model="t5", data="translation", args=[
-        "--task", "translation", "--source_lang", "en", "--target_lang", "de", "--source_prefix", "translate: ",
-        "--generation_max_length", "8", "--num_beams", "2", "--adapter", "{block_size: 16, target_modules: [q, v]}",
-    ]),
-    "summarization": dict(model="bart", data="summarization", args=[
-        "--task", "summarization", "--max_source_length", "64", "--max_target_length", "16",
-        "--generation_max_length", "8", "--num_beams", "2", "--adapter", "{block_size: 16, target_modules: [q_proj, v_proj]}",
-    ]),
+    "glue": dict(
+        model="bert",
+        data="sst2",
+        args=[
+            "--task",
+            "glue",
+            "--task_name",
+            "sst2",
+            "--adapter",
+            "{block_size: 16, target_modules: [query, value]}",
+        ],
+    ),
+    "qa": dict(
+        model="bert",
+        data="squad_v2",
+        args=[
+            "--task",
+            "qa",
+            "--version_2_with_negative",
+            "true",
+            "--max_seq_length",
+            "48",
+            "--doc_stride",
+            "16",
+            "--adapter",
+            "{block_size: 16, target_modules: [query, value]}",
+        ],
+    ),
+    "translation": dict(
+        model="t5",
+        data="translation",
+        args=[
+            "--task",
+            "translation",
+            "--source_lang",
+            "en",
+            "--target_lang",
+            "de",
+            "--source_prefix",
+            "translate: ",
+            "--generation_max_length",
+            "8",
+            "--num_beams",
+            "2",
+            "--adapter",
+            "{block_size: 16, target_modules: [q, v]}",
+        ],
+    ),
+    "summarization": dict(
+        model="bart",
+        data="summarization",
+        args=[
+            "--task",
+            "summarization",
+            "--max_source_length",
+            "64",
+            "--max_target_length",
+            "16",
+            "--generation_max_length",
+            "8",
+            "--num_beams",
+            "2",
+            "--adapter",
+            "{block_size: 16, target_modules: [q_proj, v_proj]}",
+        ],
+    ),
 }
 EXPECTED_METRICS = {
     "glue": {"accuracy"},
@@ -39,10 +90,30 @@ EXPECTED_METRICS = {
 
 def _common(model_dir: str, train: str, dev: str, out: Path) -> list[str]:
     return [
-        "--model_name_or_path", model_dir, "--train_file", train, "--validation_file", dev, "--output_dir", str(out),
-        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--max_train_steps", "4",
-        "--checkpointing_steps", "2", "--eval_steps", "2", "--learning_rate", "5e-3", "--num_warmup_steps", "1",
-        "--report_to", "none",
+        "--model_name_or_path",
+        model_dir,
+        "--train_file",
+        train,
+        "--validation_file",
+        dev,
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "8",
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--eval_steps",
+        "2",
+        "--learning_rate",
+        "5e-3",
+        "--num_warmup_steps",
+        "1",
+        "--report_to",
+        "none",
     ]
 
 
@@ -65,18 +136,25 @@ def test_train_then_resume(family, tiny_train_models, task_files, tmp_path):
     assert (first / "checkpoints" / "step_4").is_dir()
     weights = load_file(first / "adapter" / "adapter_model.safetensors")
     rotations = [v for k, v in weights.items() if "ortho" in k]
-    assert rotations and any(v.abs().max() > 0 for v in rotations), "the rotations never moved from the identity"
+    assert rotations and any(v.abs().max() > 0 for v in rotations), (
+        "the rotations never moved from the identity"
+    )
 
     resumed = tmp_path / "resumed"
     resume_args = _common(tiny_train_models[spec["model"]], train, dev, resumed) + spec["args"]
     assert main(resume_args + ["--resume_from_checkpoint", str(first / "checkpoints" / "step_2")]) == 0
     resumed_results = json.loads((resumed / "results.json").read_text())
     assert resumed_results["resumed_from_step"] == 2 and resumed_results["completed_steps"] == 4
-    assert [h["step"] for h in resumed_results["history"]] == [2, 4]  # history of steps 1-2 came from the checkpoint
+    assert [h["step"] for h in resumed_results["history"]] == [
+        2,
+        4,
+    ]  # history of steps 1-2 came from the checkpoint
     resumed_weights = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert resumed_weights.keys() == weights.keys()
     for key, value in weights.items():
-        torch.testing.assert_close(resumed_weights[key], value, rtol=0, atol=1e-6, msg=f"{key} differs after resume")
+        torch.testing.assert_close(
+            resumed_weights[key], value, rtol=0, atol=1e-6, msg=f"{key} differs after resume"
+        )
 
 
 def test_saved_adapter_reproduces_the_reported_accuracy(tiny_train_models, task_files, tmp_path):

@@ -21,8 +21,9 @@ def _run_and_expect_error(args, out, capsys) -> str:
 
 
 def test_unknown_config_key(tmp_path, capsys):
-    message = _run_and_expect_error(["--model_name_or_path", "m", "--task_name", "sst2", "--num_epochs", "3"],
-                                    tmp_path / "out", capsys)
+    message = _run_and_expect_error(
+        ["--model_name_or_path", "m", "--task_name", "sst2", "--num_epochs", "3"], tmp_path / "out", capsys
+    )
     assert "unknown config key 'num_epochs'" in message
 
 
@@ -30,9 +31,20 @@ def test_missing_data_column(tiny_train_models, tmp_path, capsys):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": "a fine film", "label": i % 2}) + "\n" for i in range(8)))
     message = _run_and_expect_error(
-        ["--model_name_or_path", tiny_train_models["bert"], "--task_name", "sst2", "--method", "lora",
-         "--train_file", str(train), "--validation_file", str(train)],
-        tmp_path / "out", capsys,
+        [
+            "--model_name_or_path",
+            tiny_train_models["bert"],
+            "--task_name",
+            "sst2",
+            "--method",
+            "lora",
+            "--train_file",
+            str(train),
+            "--validation_file",
+            str(train),
+        ],
+        tmp_path / "out",
+        capsys,
     )
     assert f"train data file '{train}' has no column 'sentence' (its columns: text, label)" in message
 
@@ -40,9 +52,24 @@ def test_missing_data_column(tiny_train_models, tmp_path, capsys):
 def test_seq2seq_task_on_an_encoder_only_model(tiny_train_models, task_files, tmp_path, capsys):
     train, dev = task_files("translation", 8, 4)
     message = _run_and_expect_error(
-        ["--task", "translation", "--source_lang", "en", "--target_lang", "de", "--method", "lora",
-         "--model_name_or_path", tiny_train_models["bert"], "--train_file", train, "--validation_file", dev],
-        tmp_path / "out", capsys,
+        [
+            "--task",
+            "translation",
+            "--source_lang",
+            "en",
+            "--target_lang",
+            "de",
+            "--method",
+            "lora",
+            "--model_name_or_path",
+            tiny_train_models["bert"],
+            "--train_file",
+            train,
+            "--validation_file",
+            dev,
+        ],
+        tmp_path / "out",
+        capsys,
     )
     assert "needs an encoder-decoder (seq2seq) model" in message and "'bert'" in message
 
@@ -63,23 +90,51 @@ def test_unreadable_data_file(problem, tiny_train_models, task_files, tmp_path, 
     elif problem == "directory":
         bad.mkdir()
     message = _run_and_expect_error(
-        ["--model_name_or_path", tiny_train_models["bert"], "--task_name", "sst2", "--method", "lora",
-         "--train_file", train, "--validation_file", str(bad)],
-        tmp_path / "out", capsys,
+        [
+            "--model_name_or_path",
+            tiny_train_models["bert"],
+            "--task_name",
+            "sst2",
+            "--method",
+            "lora",
+            "--train_file",
+            train,
+            "--validation_file",
+            str(bad),
+        ],
+        tmp_path / "out",
+        capsys,
     )
     assert f"validation data file '{bad}'" in message
-    expected = {"missing": "does not exist", "malformed": "could not be read as json",
-                "extension": "unsupported file type '.txt'", "directory": "does not exist"}[problem]
+    expected = {
+        "missing": "does not exist",
+        "malformed": "could not be read as json",
+        "extension": "unsupported file type '.txt'",
+        "directory": "does not exist",
+    }[problem]
     assert expected in message
 
 
 def test_labels_outside_the_task_range(tiny_train_models, tmp_path, capsys):
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"sentence": "a film", "label": label}) + "\n" for label in (0, 1, 2, -1)))
+    train.write_text(
+        "".join(json.dumps({"sentence": "a film", "label": label}) + "\n" for label in (0, 1, 2, -1))
+    )
     message = _run_and_expect_error(
-        ["--model_name_or_path", tiny_train_models["bert"], "--task_name", "sst2", "--method", "lora",
-         "--train_file", str(train), "--validation_file", str(train)],
-        tmp_path / "out", capsys,
+        [
+            "--model_name_or_path",
+            tiny_train_models["bert"],
+            "--task_name",
+            "sst2",
+            "--method",
+            "lora",
+            "--train_file",
+            str(train),
+            "--validation_file",
+            str(train),
+        ],
+        tmp_path / "out",
+        capsys,
     )
     assert "labels must be in 0..1 for sst2, found -1..2" in message
 
@@ -87,9 +142,24 @@ def test_labels_outside_the_task_range(tiny_train_models, tmp_path, capsys):
 def test_unanswerable_questions_need_version_2(tiny_train_models, task_files, tmp_path, capsys):
     train, dev = task_files("squad_v2", 6, 3)
     message = _run_and_expect_error(
-        ["--task", "qa", "--max_seq_length", "64", "--doc_stride", "16", "--method", "lora",
-         "--model_name_or_path", tiny_train_models["bert"], "--train_file", train, "--validation_file", dev],
-        tmp_path / "out", capsys,
+        [
+            "--task",
+            "qa",
+            "--max_seq_length",
+            "64",
+            "--doc_stride",
+            "16",
+            "--method",
+            "lora",
+            "--model_name_or_path",
+            tiny_train_models["bert"],
+            "--train_file",
+            train,
+            "--validation_file",
+            dev,
+        ],
+        tmp_path / "out",
+        capsys,
     )
     assert "set version_2_with_negative: true" in message
 
@@ -97,10 +167,19 @@ def test_unanswerable_questions_need_version_2(tiny_train_models, task_files, tm
 def test_missing_model_and_checkpoint(tiny_train_models, task_files, tmp_path, capsys):
     train, dev = task_files("sst2", 8, 4)
     common = ["--task_name", "sst2", "--method", "lora", "--train_file", train, "--validation_file", dev]
-    message = _run_and_expect_error(common + ["--model_name_or_path", str(tmp_path / "no_model")], tmp_path / "a", capsys)
+    message = _run_and_expect_error(
+        common + ["--model_name_or_path", str(tmp_path / "no_model")], tmp_path / "a", capsys
+    )
     assert f"cannot load model '{tmp_path / 'no_model'}'" in message
     message = _run_and_expect_error(
-        common + ["--model_name_or_path", tiny_train_models["bert"], "--resume_from_checkpoint", str(tmp_path / "ckpt")],
-        tmp_path / "b", capsys,
+        common
+        + [
+            "--model_name_or_path",
+            tiny_train_models["bert"],
+            "--resume_from_checkpoint",
+            str(tmp_path / "ckpt"),
+        ],
+        tmp_path / "b",
+        capsys,
     )
     assert "is not a checkpoint folder" in message

@@ -42,11 +42,7 @@ def quickstart_config(
     **overrides: Any,
 ) -> TrainConfig:
     """The quickstart run as a `TrainConfig` (SST-2 recipe on the shipped sentiment files)."""
-    adapter = (
-        {"block_size": 32, "target_modules": ["query", "key", "value", "dense"]}
-        if method == "orthora"
-        else {}
-    )
+    adapter = {"block_size": 32, "target_modules": ["query", "value"]} if method == "orthora" else {}
     values: dict[str, Any] = dict(
         task="glue",
         task_name="sst2",
@@ -58,8 +54,8 @@ def quickstart_config(
         max_seq_length=64,
         per_device_train_batch_size=16,
         per_device_eval_batch_size=64,
-        learning_rate=3e-3,
-        num_train_epochs=4,
+        learning_rate=1e-2,
+        num_train_epochs=3,
         warmup_ratio=0.1,
         eval_before_training=True,
         logging_steps=5,
