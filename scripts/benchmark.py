@@ -553,6 +553,7 @@ def run_interleaved(
     inference_reps: int = 5,
     profile_methods: tuple[str, ...] = (),
     in_process: bool = False,
+    threads: Optional[int] = None,
     log=print,
 ) -> dict:
     """Run every method on ``model_spec`` with interleaved steps; return per-method measurements.
@@ -576,7 +577,7 @@ def run_interleaved(
             results[m.name] = r
         return results
 
-    workers = [WorkerProcess(model_spec, m) for m in methods]
+    workers = [WorkerProcess(model_spec, m, threads) for m in methods]
     live = []
     for w, m in zip(workers, methods, strict=False):
         hello = w.read()
@@ -639,6 +640,7 @@ def summarize(results: dict, model_spec: ModelSpec, reference: Optional[str] = N
         step = statistics.median(r["round_medians"])
         row.update(
             step_s=step,
+            step_min_s=min(r["times"]),
             tokens_per_s=tokens / step,
             trainable_params=r.get("trainable_params"),
             peak_mem_mb=None if r.get("peak_growth_bytes") is None else r["peak_growth_bytes"] / 2**20,
@@ -650,6 +652,7 @@ def summarize(results: dict, model_spec: ModelSpec, reference: Optional[str] = N
         if ref.get("round_medians") and not ref.get("error"):
             pairs = [a / b for a, b in zip(r["round_medians"], ref["round_medians"], strict=False)]
             row["step_vs_lora"] = statistics.median(pairs)
+            row["step_min_vs_lora"] = min(r["times"]) / min(ref["times"])
             if row["peak_mem_mb"] is not None and ref.get("peak_growth_bytes"):
                 mem_key = "peak_mem_bytes" if model_spec.device.startswith("cuda") else "peak_growth_bytes"
                 row["mem_vs_lora"] = r[mem_key] / ref[mem_key]
@@ -672,17 +675,19 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 def cost_table(rows: list[dict], mem_label: str = "peak RSS growth MiB") -> str:
     """Markdown table of cost rows."""
     head = (
-        f"| method | trainable params | × LoRA params | step s (median) | × LoRA step | tokens/s | {mem_label} "
-        "| × LoRA mem | adapter KiB | merged / base latency | unmerged / base latency |"
+        f"| method | trainable params | × LoRA params | step s (median) | × LoRA step (median of per-round ratios) "
+        f"| × LoRA step (min/min) | tokens/s | {mem_label} | × LoRA mem | adapter KiB | merged / base latency "
+        "| unmerged / base latency |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][:80]} |" + " |" * 9)
+            lines.append(f"| {r['method']} | failed: {r['error'][:80]} |" + " |" * 10)
             continue
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} | {_fmt(r.get('params_vs_lora'), '.2f')} "
-            f"| {_fmt(r['step_s'])} | {_fmt(r.get('step_vs_lora'), '.2f')} | {r['tokens_per_s']:,.0f} "
+            f"| {_fmt(r['step_s'])} | {_fmt(r.get('step_vs_lora'), '.2f')} | {_fmt(r.get('step_min_vs_lora'), '.2f')} "
+            f"| {r['tokens_per_s']:,.0f} "
             f"| {_fmt(r['peak_mem_mb'], '.0f')} | {_fmt(r.get('mem_vs_lora'), '.2f')} | {_fmt(r['adapter_kb'], '.0f')} "
             f"| {_fmt(r['infer_merged_ratio'])} | {_fmt(r['infer_unmerged_ratio'])} |"
         )
@@ -751,7 +756,7 @@ COST_PROFILES = {
 
 
 def run_cost(profile: str, *, dry_run: bool = False, rounds: Optional[int] = None, methods: Optional[str] = None,
-             profile_ops: bool = True, in_process: bool = False, log=print) -> dict:
+             profile_ops: bool = True, in_process: bool = False, threads: Optional[int] = None, log=print) -> dict:
     """A cost profile end to end: build the method list at matched budgets, run interleaved, summarise."""
     cfg = dict(COST_PROFILES[profile])
     model_spec = ModelSpec(**asdict(cfg["model"]))
@@ -780,7 +785,7 @@ def run_cost(profile: str, *, dry_run: bool = False, rounds: Optional[int] = Non
     results = run_interleaved(
         model_spec, method_list, rounds=cfg["rounds"], steps_per_round=cfg["steps"], warmup=cfg["warmup"],
         inference_reps=cfg["inference_reps"], profile_methods=prof if profile_ops else (), in_process=in_process,
-        log=log,
+        threads=threads, log=log,
     )
     rows = summarize(results, model_spec)
     return {
@@ -788,7 +793,7 @@ def run_cost(profile: str, *, dry_run: bool = False, rounds: Optional[int] = Non
         "dry_run": dry_run,
         "machine": machine_info(),
         "model": asdict(model_spec),
-        "settings": {k: v for k, v in cfg.items() if k != "model"},
+        "settings": {**{k: v for k, v in cfg.items() if k != "model"}, "threads_per_worker": threads},
         "budget_rule": matched_methods.__doc__.split("\n\n")[1].strip(),
         "rows": rows,
         "raw": {k: {kk: vv for kk, vv in v.items() if kk != "profile"} for k, v in results.items()},
@@ -796,7 +801,7 @@ def run_cost(profile: str, *, dry_run: bool = False, rounds: Optional[int] = Non
     }
 
 
-def run_scaling(*, quick: bool = False, rounds: int = 3, log=print) -> dict:
+def run_scaling(*, quick: bool = False, rounds: int = 3, threads: Optional[int] = None, log=print) -> dict:
     """orthora (cayley, output) vs LoRA at matched budget on a 2-layer linear stack, sweeping one knob at a time."""
     sweeps = []
     widths = [256, 512, 1024, 2048, 4096] if not quick else [64, 128]
@@ -814,7 +819,7 @@ def run_scaling(*, quick: bool = False, rounds: int = 3, log=print) -> dict:
         widths_ = [(spec.width, spec.width)] * spec.depth
         methods = matched_methods(widths_, block, "pair")
         log(f"[scaling] {knob}={value} (width {spec.width}, block {block}, tokens {spec.batch * spec.seq})")
-        res = run_interleaved(spec, methods, rounds=rounds, warmup=1, inference_reps=1, log=log)
+        res = run_interleaved(spec, methods, rounds=rounds, warmup=1, inference_reps=1, threads=threads, log=log)
         for row in summarize(res, spec):
             row.update(knob=knob, value=value, width=spec.width, block=block, tokens=spec.batch * spec.seq)
             rows.append(row)
@@ -1022,7 +1027,8 @@ def render_cost(report: dict, command: str) -> str:
     parts = [
         f"## {report['profile']}{' (dry run)' if report.get('dry_run') else ''}: {spec['kind']}, "
         f"batch {spec['batch']} x {spec['seq']}, {spec['dtype']}",
-        f"`{command}` — {m['date']}, {m['cpu_model']} ({m['host_cores']} cores, {m['torch_threads']} torch threads)"
+        f"`{command}` — {m['date']}, {m['cpu_model']} ({m['host_cores']} cores; torch threads per worker: "
+        f"{report.get('settings', {}).get('threads_per_worker') or m['torch_threads']})"
         f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}, torch {m['torch']}, peft {m['peft']}, "
         f"transformers {m['transformers']}, commit {m.get('git_commit', '?')}",
         "",
@@ -1052,6 +1058,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: per profile)")
     parser.add_argument("--methods", default=None, help="method set: all, small, smoke, pair")
     parser.add_argument("--no-profiler", action="store_true", help="skip the torch.profiler breakdown")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (CPU default 1: stable on a shared machine; 0 = torch default)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--no-write", action="store_true", help="print only")
     # quality
@@ -1073,14 +1081,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--profile is required")
     command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out_dir = Path(args.out_dir)
+    gpu_run = args.profile == "gpu" and not args.dry_run
+    threads = (None if gpu_run else 1) if args.threads is None else (args.threads or None)
+    if args.profile == "quality" and threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if args.profile in COST_PROFILES:
         report = run_cost(args.profile, dry_run=args.dry_run, rounds=args.rounds, methods=args.methods,
-                          profile_ops=not args.no_profiler)
+                          profile_ops=not args.no_profiler, threads=threads)
         report["command"] = command
         md = render_cost(report, command)
         tag = args.profile + ("-dryrun" if args.dry_run else "")
     elif args.profile == "scaling":
-        report = run_scaling(quick=args.dry_run, rounds=args.rounds or 3)
+        report = run_scaling(quick=args.dry_run, rounds=args.rounds or 3, threads=threads)
         report["command"] = command
         m = report["machine"]
         md = "\n".join(["## scaling: 2-layer Linear+GELU stack, cayley output vs LoRA (matched budget)",
