@@ -111,3 +111,38 @@ def test_two_cpu_processes_match_one_process(tiny_train_models, task_files, tmp_
         )
     # The uneven last evaluation batch must be de-duplicated across processes: same 12 rows, same score.
     assert ddp["metrics"]["validation"]["accuracy"] == single["metrics"]["validation"]["accuracy"]
+
+
+def test_gradient_accumulation_matches_the_large_batch(tiny_train_models, task_files, tmp_path):
+    """Batch 4 x 2 accumulation steps takes the same optimizer steps as batch 8 (dropout off, same data order)."""
+    model = _without_dropout(tiny_train_models["bert"], tmp_path / "bert_no_dropout")
+    train, dev = task_files("sst2", 32, 8)
+    common = [
+        "--task_name", "sst2", "--model_name_or_path", model, "--train_file", train, "--validation_file", dev,
+        "--adapter", "{block_size: 16, target_modules: [query, value]}", "--max_train_steps", "3",
+        "--learning_rate", "5e-3", "--report_to", "none",
+    ]  # fmt: skip
+    assert main([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "big")]) == 0
+    accumulated = [*common, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
+    assert main([*accumulated, "--output_dir", str(tmp_path / "acc")]) == 0
+    big = load_file(tmp_path / "big" / "adapter" / "adapter_model.safetensors")
+    acc = load_file(tmp_path / "acc" / "adapter" / "adapter_model.safetensors")
+    for key, value in big.items():
+        torch.testing.assert_close(
+            acc[key], value, rtol=1e-4, atol=1e-6, msg=f"{key}: accumulation != big batch"
+        )
+    assert json.loads((tmp_path / "acc" / "results.json").read_text())["completed_steps"] == 3
+
+
+def test_bf16_autocast_run(tiny_train_models, task_files, tmp_path):
+    """Mixed precision is a config value; a later run in the same process may choose another one."""
+    train, dev = task_files("sst2", 16, 8)
+    common = [
+        "--task_name", "sst2", "--model_name_or_path", tiny_train_models["bert"], "--train_file", train,
+        "--validation_file", dev, "--adapter", "{block_size: 16, target_modules: [query, value]}",
+        "--max_train_steps", "2", "--per_device_train_batch_size", "8", "--report_to", "none",
+    ]  # fmt: skip
+    assert main([*common, "--mixed_precision", "bf16", "--output_dir", str(tmp_path / "bf16")]) == 0
+    assert json.loads((tmp_path / "bf16" / "results.json").read_text())["mixed_precision"] == "bf16"
+    assert main([*common, "--mixed_precision", "no", "--output_dir", str(tmp_path / "fp32")]) == 0
+    assert json.loads((tmp_path / "fp32" / "results.json").read_text())["mixed_precision"] == "no"
