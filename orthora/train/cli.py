@@ -27,7 +27,8 @@ def usage() -> str:
     for f in dataclasses.fields(TrainConfig):
         tasks = f.metadata.get("tasks")
         scope = f" [{', '.join(tasks)}]" if tasks else ""
-        type_name = str(hints[f.name]).replace("typing.", "")
+        hint = hints[f.name]
+        type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         lines.append(f"  --{f.name} ({type_name}){scope}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
