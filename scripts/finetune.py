@@ -4,6 +4,9 @@ The same as the ``orthora-finetune`` console command; see docs/training.md.
 """
 
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a fresh clone works without `pip install`
 
 from orthora.train.cli import main
 
