@@ -183,3 +183,16 @@ def test_missing_model_and_checkpoint(tiny_train_models, task_files, tmp_path, c
         capsys,
     )
     assert "is not a checkpoint folder" in message
+
+
+def test_unknown_best_metric(tiny_train_models, task_files, tmp_path, capsys):
+    train, dev = task_files("sst2", 8, 4)
+    message = _run_and_expect_error(
+        ["--model_name_or_path", tiny_train_models["bert"], "--task_name", "cola", "--method", "lora",
+         "--train_file", train, "--validation_file", dev, "--metric_for_best_model", "accuracy"],
+        tmp_path / "out", capsys,
+    )  # fmt: skip
+    assert (
+        "metric_for_best_model 'accuracy' is not reported by this task; choose one of matthews_correlation"
+        in message
+    )

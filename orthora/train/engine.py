@@ -244,6 +244,12 @@ class _Run:
     def validate_inputs(self) -> None:
         config = self.config
         self.recipe = get_recipe(config)
+        names = self.recipe.metric_names()
+        if config.metric_for_best_model and config.metric_for_best_model not in names:
+            raise ConfigError(
+                f"metric_for_best_model {config.metric_for_best_model!r} is not reported by this task; "
+                f"choose one of {', '.join(names)}"
+            )
         self.peft_config = build_adapter_config(config.method, config.adapter, self.recipe.peft_task_type)
         check_data_files(config)
         self.resume_dir = resolve_resume_dir(config)
@@ -477,8 +483,7 @@ class _Run:
         config, accelerator, progress = self.config, self.accelerator, self.progress
         self.metric_name, self.greater_is_better = self.recipe.metric_to_track()
         if config.metric_for_best_model:
-            self.metric_name = config.metric_for_best_model
-            self.greater_is_better = not self.metric_name.endswith("loss")
+            self.metric_name, self.greater_is_better = config.metric_for_best_model, True
         accelerator.init_trackers("orthora", config=flat_hparams(config))
 
         initial_metrics = None

@@ -76,6 +76,10 @@ class TaskRecipe(ABC):
     @abstractmethod
     def primary_metric(self) -> str: ...
 
+    @abstractmethod
+    def metric_names(self) -> list[str]:
+        """Metrics that can be tracked for the best adapter (all higher-is-better); checked before training."""
+
     # --- model ---------------------------------------------------------------------------------------------
     def model_config_overrides(self) -> dict[str, Any]:
         """Extra keyword arguments for `AutoConfig.from_pretrained` (e.g. num_labels)."""

@@ -74,6 +74,12 @@ class GlueRecipe(TaskRecipe):
     def primary_metric(self) -> str:
         return PRIMARY_METRIC.get(self.config.task_name, "accuracy")
 
+    def metric_names(self) -> list[str]:
+        return {"cola": ["matthews_correlation"], "stsb": ["pearson", "spearmanr"]}.get(
+            self.config.task_name,
+            ["accuracy", "f1"] if self.config.task_name in ("mrpc", "qqp") else ["accuracy"],
+        )
+
     def model_config_overrides(self) -> dict[str, Any]:
         overrides: dict[str, Any] = {"num_labels": self.num_labels, "finetuning_task": self.config.task_name}
         if self.is_regression:

@@ -152,6 +152,12 @@ class QuestionAnsweringRecipe(TaskRecipe):
     def primary_metric(self) -> str:
         return "f1"
 
+    def metric_names(self) -> list[str]:
+        names = ["exact_match", "f1"]
+        if self.config.version_2_with_negative:
+            names += [f"{group}_{kind}" for group in ("HasAns", "NoAns") for kind in ("exact", "f1")]
+        return names
+
     def load_model(self, model_config: PretrainedConfig):
         return AutoModelForQuestionAnswering.from_pretrained(
             self.config.model_name_or_path,

@@ -207,6 +207,9 @@ class TranslationRecipe(Seq2SeqRecipe):
     def primary_metric(self) -> str:
         return "bleu"
 
+    def metric_names(self) -> list[str]:
+        return ["bleu", "chrf"]
+
     def sources_and_targets(self, batch):
         if "translation" in batch:
             pairs = batch["translation"]
@@ -265,6 +268,9 @@ class SummarizationRecipe(Seq2SeqRecipe):
 
     def primary_metric(self) -> str:
         return "rougeL"
+
+    def metric_names(self) -> list[str]:
+        return ["rouge1", "rouge2", "rougeL", "rougeLsum"]
 
     def sources_and_targets(self, batch):
         return list(batch[self.config.text_column]), list(batch[self.config.summary_column])
