@@ -157,6 +157,9 @@ class TrainConfig:
     hub_model_id: Optional[str] = _opt(None, "Hub repository for push_to_hub.")
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for item in dataclasses.fields(self):  # the Python API gets the same coercion as YAML and the CLI
+            setattr(self, item.name, _coerce(item.name, getattr(self, item.name), hints[item.name]))
         self.validate()
 
     # ----------------------------------------------------------------------------------------------------------------
