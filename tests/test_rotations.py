@@ -36,6 +36,16 @@ def test_zero_parameters_give_identity(parametrization):
     assert torch.equal(blocks, torch.eye(8).expand(3, 8, 8))
 
 
+@pytest.mark.parametrize("num_reflections", [1, 2, 5, 32])
+def test_householder_compact_form_equals_the_product_of_reflections(num_reflections):
+    vectors = torch.randn(3, num_reflections, 8, dtype=torch.float64)
+    expected = torch.eye(8, dtype=torch.float64).expand(3, 8, 8)
+    for j in range(num_reflections):
+        u = vectors[:, j, :] / vectors[:, j, :].norm(dim=-1, keepdim=True)
+        expected = expected @ (torch.eye(8, dtype=torch.float64) - 2 * u.unsqueeze(-1) @ u.unsqueeze(-2))
+    assert torch.allclose(rotations.householder(vectors), expected, atol=1e-12)
+
+
 def test_householder_identity_initialisation_pairs_reflections():
     params = rotations.identity_parameters("householder", 3, 8, num_reflections=4)
     assert params.shape == (3, 4, 8)
@@ -60,7 +70,10 @@ def test_neumann_converges_with_more_terms():
     params = random_params("cayley", 2, 16, 0.3)
     exact = rotations.orthogonal_blocks(params, "cayley", 16)
     errors = [
-        (rotations.orthogonal_blocks(params, "cayley_neumann", 16, neumann_terms=t) - exact).abs().max().item()
+        (rotations.orthogonal_blocks(params, "cayley_neumann", 16, neumann_terms=t) - exact)
+        .abs()
+        .max()
+        .item()
         for t in (2, 4, 8)
     ]
     assert errors[0] > errors[1] > errors[2]
@@ -75,8 +88,10 @@ def test_max_angle_bounds_the_generator_and_the_rotation():
     assert rotations.orthogonality_error(blocks) < 1e-5
     assert (blocks - torch.eye(8)).norm(dim=(-2, -1)).max() <= 0.5 + 1e-4
     small = random_params("cayley", 4, 8, 0.01)  # inside the radius: untouched
-    assert torch.allclose(rotations.constrain_generator(rotations.skew_symmetric(small, 8), 0.5),
-                          rotations.skew_symmetric(small, 8))
+    assert torch.allclose(
+        rotations.constrain_generator(rotations.skew_symmetric(small, 8), 0.5),
+        rotations.skew_symmetric(small, 8),
+    )
 
 
 def test_low_precision_parameters_are_upcast_before_the_map():
@@ -111,7 +126,8 @@ def test_gradcheck_through_the_memory_saving_block_product(parametrization, shar
 def test_gradcheck_with_max_angle():
     params = random_params("cayley", 2, 4, 3.0, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda p: rotations.orthogonal_blocks(p, "cayley", 4, max_angle=0.7, compute_dtype=torch.float64), (params,)
+        lambda p: rotations.orthogonal_blocks(p, "cayley", 4, max_angle=0.7, compute_dtype=torch.float64),
+        (params,),
     )
 
 
@@ -123,7 +139,9 @@ def test_rotate_matches_a_dense_block_diagonal_product_and_keeps_norms():
     assert torch.allclose(y, x @ dense.T, atol=1e-6)
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
     shared = blocks[:1]
-    assert torch.allclose(rotations.rotate(x, shared), x @ torch.block_diag(*shared.expand(3, 4, 4)).T, atol=1e-6)
+    assert torch.allclose(
+        rotations.rotate(x, shared), x @ torch.block_diag(*shared.expand(3, 4, 4)).T, atol=1e-6
+    )
 
 
 def test_memory_saving_backward_matches_plain_autograd():
@@ -153,7 +171,9 @@ def test_weight_folding_equals_activation_rotation():
 def test_inverse_is_transpose_when_exact_and_a_solve_otherwise():
     exact = rotations.orthogonal_blocks(random_params("cayley", 2, 4, 1.0), "cayley", 4)
     assert torch.equal(rotations.invert_blocks(exact, True), exact.mT)
-    approx = rotations.orthogonal_blocks(random_params("cayley", 2, 4, 0.8), "cayley_neumann", 4, neumann_terms=2)
+    approx = rotations.orthogonal_blocks(
+        random_params("cayley", 2, 4, 0.8), "cayley_neumann", 4, neumann_terms=2
+    )
     inv = rotations.invert_blocks(approx, False)
     assert torch.allclose(inv @ approx, torch.eye(4).expand(2, 4, 4), atol=1e-5)
 
