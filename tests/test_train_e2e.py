@@ -185,3 +185,24 @@ def test_saved_adapter_reproduces_the_reported_accuracy(tiny_train_models, task_
         torch.testing.assert_close(merged(**batch).logits, logits, rtol=1e-4, atol=1e-5)
     accuracy = glue_metrics("sst2", logits.argmax(-1).numpy(), labels.numpy())["accuracy"]
     assert accuracy == pytest.approx(results["metrics"]["validation"]["accuracy"])
+
+
+def test_killed_run_resumes_from_latest(tiny_train_models, task_files, tmp_path):
+    """Simulate a kill after step 2 (later outputs gone, a half-written checkpoint left): 'latest' finishes the job."""
+    import shutil
+
+    train, dev = task_files("sst2", 32, 8)
+    out = tmp_path / "run"
+    args = _common(tiny_train_models["bert"], train, dev, out) + FAMILIES["glue"]["args"]
+    assert main(args) == 0
+    finished = load_file(out / "adapter" / "adapter_model.safetensors")
+    for produced in ("adapter", "best_adapter", "results.json", "checkpoints/step_4"):
+        path = out / produced
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (out / "checkpoints" / ".step_4.tmp").mkdir()  # an interrupted save is never picked up
+    assert main(args + ["--resume_from_checkpoint", "latest"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["resumed_from_step"] == 2 and results["completed_steps"] == 4
+    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
+    for key, value in finished.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
