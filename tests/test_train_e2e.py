@@ -206,3 +206,25 @@ def test_killed_run_resumes_from_latest(tiny_train_models, task_files, tmp_path)
     resumed = load_file(out / "adapter" / "adapter_model.safetensors")
     for key, value in finished.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("method", "adapter"),
+    [
+        ("lora", "{r: 4, target_modules: [query, value]}"),
+        ("oft", "{oft_block_size: 8, target_modules: [query, value]}"),
+        ("boft", "{boft_block_size: 4, target_modules: [query, value]}"),
+        ("hra", "{r: 2, target_modules: [query, value]}"),
+    ],
+    ids=["lora", "oft", "boft", "hra"],
+)
+def test_peft_baselines_run_through_the_same_key(method, adapter, tiny_train_models, task_files, tmp_path):
+    train, dev = task_files("sst2", 16, 8)
+    args = _common(tiny_train_models["bert"], train, dev, tmp_path / method)
+    args += ["--task_name", "sst2", "--method", method, "--adapter", adapter, "--max_train_steps", "2"]
+    args += ["--checkpointing_steps", "null", "--eval_steps", "null"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / method / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == method.upper()
+    results = json.loads((tmp_path / method / "results.json").read_text())
+    assert results["method"] == method and results["completed_steps"] == 2 and results["trainable_params"] > 0
