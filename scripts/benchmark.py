@@ -240,6 +240,8 @@ def matched_methods(widths: list[tuple[int, int]], block_size: int, which: str =
     sets = {
         "all": list(methods),
         "small": ["lora", "orthora-cayley-output", "orthora-householder-output", "oft-cayley_neumann", "oft-cayley"],
+        "targets": ["lora", "orthora-cayley-output", "orthora-exp-output", "orthora-householder-output",
+                    "orthora-cayley-input", "oft-cayley_neumann", "oft-cayley"],
         "smoke": ["lora", "orthora-cayley-output", "oft-cayley"],
         "pair": ["lora", "orthora-cayley-output"],
     }
@@ -554,10 +556,13 @@ def run_interleaved(
     profile_methods: tuple[str, ...] = (),
     in_process: bool = False,
     threads: Optional[int] = None,
+    paired: bool = False,
     log=print,
 ) -> dict:
     """Run every method on ``model_spec`` with interleaved steps; return per-method measurements.
 
+    ``paired=True`` runs a LoRA step right before every step of every other method (A B A C ...), and ratios to
+    LoRA use those adjacent pairs: the most robust to a machine whose load changes within a round.
     ``in_process=True`` runs workers in this process one after another (no interleaving, memory not isolated):
     only for the smoke test and environments that cannot spawn processes.
     """
@@ -593,15 +598,27 @@ def run_interleaved(
         if not rep["ok"]:
             results[m.name]["error"] = rep["error"]
     live = [(w, m) for w, m in live if "error" not in results[m.name]]
+    ref = next(((w, m) for w, m in live if m.kind == "lora"), None) if paired else None
     for r in range(rounds):
         order = live[r % len(live):] + live[: r % len(live)] if live else []
         for w, m in order:
+            if ref is not None and m is ref[1]:
+                continue
+            ref_time = None
+            if ref is not None:  # A B A C A D ...: every step of a method sits next to a LoRA step
+                rep = ref[0].call(cmd="steps", n=1)
+                if rep["ok"]:
+                    ref_time = rep["times"][0]
+                    results[ref[1].name]["times"].extend(rep["times"])
+                    results[ref[1].name]["round_medians"].append(ref_time)
             rep = w.call(cmd="steps", n=steps_per_round)
             if not rep["ok"]:
                 results[m.name]["error"] = rep["error"]
                 continue
             results[m.name]["times"].extend(rep["times"])
             results[m.name]["round_medians"].append(statistics.median(rep["times"]))
+            if ref_time:
+                results[m.name].setdefault("paired_ratios", []).append(statistics.median(rep["times"]) / ref_time)
         log(f"  round {r + 1}/{rounds}: " + ", ".join(
             f"{m.name}={results[m.name]['round_medians'][-1]:.3f}s"
             for _, m in order if results[m.name].get("round_medians")
@@ -650,8 +667,10 @@ def summarize(results: dict, model_spec: ModelSpec, reference: Optional[str] = N
             infer_unmerged_ratio=r.get("infer_unmerged_ratio"),
         )
         if ref.get("round_medians") and not ref.get("error"):
-            pairs = [a / b for a, b in zip(r["round_medians"], ref["round_medians"], strict=False)]
-            row["step_vs_lora"] = statistics.median(pairs)
+            pairs = r.get("paired_ratios") or [
+                a / b for a, b in zip(r["round_medians"], ref["round_medians"], strict=False)
+            ]
+            row["step_vs_lora"] = 1.0 if name == reference else statistics.median(pairs)
             row["step_min_vs_lora"] = min(r["times"]) / min(ref["times"])
             if row["peak_mem_mb"] is not None and ref.get("peak_growth_bytes"):
                 mem_key = "peak_mem_bytes" if model_spec.device.startswith("cuda") else "peak_growth_bytes"
@@ -756,7 +775,8 @@ COST_PROFILES = {
 
 
 def run_cost(profile: str, *, dry_run: bool = False, rounds: Optional[int] = None, methods: Optional[str] = None,
-             profile_ops: bool = True, in_process: bool = False, threads: Optional[int] = None, log=print) -> dict:
+             profile_ops: bool = True, in_process: bool = False, threads: Optional[int] = None,
+             paired: bool = False, log=print) -> dict:
     """A cost profile end to end: build the method list at matched budgets, run interleaved, summarise."""
     cfg = dict(COST_PROFILES[profile])
     model_spec = ModelSpec(**asdict(cfg["model"]))
@@ -785,7 +805,7 @@ def run_cost(profile: str, *, dry_run: bool = False, rounds: Optional[int] = Non
     results = run_interleaved(
         model_spec, method_list, rounds=cfg["rounds"], steps_per_round=cfg["steps"], warmup=cfg["warmup"],
         inference_reps=cfg["inference_reps"], profile_methods=prof if profile_ops else (), in_process=in_process,
-        threads=threads, log=log,
+        threads=threads, paired=paired, log=log,
     )
     rows = summarize(results, model_spec)
     return {
@@ -793,7 +813,8 @@ def run_cost(profile: str, *, dry_run: bool = False, rounds: Optional[int] = Non
         "dry_run": dry_run,
         "machine": machine_info(),
         "model": asdict(model_spec),
-        "settings": {**{k: v for k, v in cfg.items() if k != "model"}, "threads_per_worker": threads},
+        "settings": {**{k: v for k, v in cfg.items() if k != "model"}, "threads_per_worker": threads,
+                     "paired": paired, "methods": which},
         "budget_rule": matched_methods.__doc__.split("\n\n")[1].strip(),
         "rows": rows,
         "raw": {k: {kk: vv for kk, vv in v.items() if kk != "profile"} for k, v in results.items()},
@@ -819,7 +840,8 @@ def run_scaling(*, quick: bool = False, rounds: int = 3, threads: Optional[int] 
         widths_ = [(spec.width, spec.width)] * spec.depth
         methods = matched_methods(widths_, block, "pair")
         log(f"[scaling] {knob}={value} (width {spec.width}, block {block}, tokens {spec.batch * spec.seq})")
-        res = run_interleaved(spec, methods, rounds=rounds, warmup=1, inference_reps=1, threads=threads, log=log)
+        res = run_interleaved(spec, methods, rounds=rounds, warmup=1, inference_reps=1, threads=threads,
+                              paired=True, log=log)
         for row in summarize(res, spec):
             row.update(knob=knob, value=value, width=spec.width, block=block, tokens=spec.batch * spec.seq)
             rows.append(row)
@@ -925,6 +947,7 @@ def run_quality(args: argparse.Namespace, log=print) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else list(DEFAULT_LR_GRID)
     methods = quality_methods(names, BERT_TARGETS)
+    partial = None if args.no_write else Path(args.out_dir) / "quality-partial.json"
     runs = []
     started = time.perf_counter()
     for task in tasks:
@@ -940,6 +963,8 @@ def run_quality(args: argparse.Namespace, log=print) -> dict:
                             r = {"error": f"{type(exc).__name__}: {exc}", "score": None, "metrics": {}}
                     r.update(task=task, method=name, lr=lr, seed=seed, wall_s=time.perf_counter() - t0)
                     runs.append(r)
+                    if partial is not None:  # a sweep cut short still leaves every finished run on disk
+                        partial.write_text(json.dumps({"args": vars(args), "runs": runs}, default=str))
                     log(f"  [{time.perf_counter() - started:6.0f}s] {task} {name} lr={lr:g} seed={seed}: "
                         f"score={_fmt(r['score'], '.4f')} {r.get('error', '')}")
     return {"profile": "quality", "machine": machine_info(), "tasks": tasks, "methods": {n: m for n, m in methods.items()},
@@ -1057,6 +1082,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU, same code path (smoke test)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: per profile)")
     parser.add_argument("--methods", default=None, help="method set: all, small, smoke, pair")
+    parser.add_argument("--paired", action="store_true",
+                        help="run a LoRA step next to every other method's step (A B A C ...); ratios from those pairs")
     parser.add_argument("--no-profiler", action="store_true", help="skip the torch.profiler breakdown")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (CPU default 1: stable on a shared machine; 0 = torch default)")
@@ -1072,6 +1099,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--lrs", default="", help="comma-separated LR grid, the same for every method")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--render-partial", default=None, help="quality: render the table from a partial JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -1089,7 +1117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(threads)
     if args.profile in COST_PROFILES:
         report = run_cost(args.profile, dry_run=args.dry_run, rounds=args.rounds, methods=args.methods,
-                          profile_ops=not args.no_profiler, threads=threads)
+                          profile_ops=not args.no_profiler, threads=threads, paired=args.paired)
         report["command"] = command
         md = render_cost(report, command)
         tag = args.profile + ("-dryrun" if args.dry_run else "")
@@ -1102,7 +1130,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                         f"peft {m['peft']}", "", scaling_table(report["rows"])])
         tag = "scaling" + ("-dryrun" if args.dry_run else "")
     else:  # quality
-        report = run_quality(args)
+        if args.render_partial:  # table from the runs a cut-short sweep left in quality-partial.json
+            saved = json.loads(Path(args.render_partial).read_text())
+            runs = saved["runs"]
+            for key in ("train_samples", "epochs", "eval_samples", "squad_eval_samples"):
+                setattr(args, key, saved["args"][key])
+            tasks = list(dict.fromkeys(r["task"] for r in runs))
+            names = list(dict.fromkeys(r["method"] for r in runs))
+            report = {"profile": "quality", "machine": machine_info(), "tasks": tasks, "runs": runs,
+                      "lrs": sorted({r["lr"] for r in runs}), "seeds": sorted({r["seed"] for r in runs}),
+                      "partial_of": saved["args"], "summary": summarize_quality(runs, tasks, names)}
+        else:
+            report = run_quality(args)
         report["command"] = command
         m = report["machine"]
         md = "\n".join([
