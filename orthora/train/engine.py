@@ -319,9 +319,8 @@ class _Run:
         config, accelerator = self.config, self.accelerator
         pad_to = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
         collate = self.recipe.collator(self.tokenizer, self.model, pad_to)
-        generator = torch.Generator().manual_seed(
-            config.seed
-        )  # keeps loader seeding off the global RNG (exact resume)
+        # A private generator keeps the loader's seeding off the global RNG, so a resumed run replays dropout exactly.
+        generator = torch.Generator().manual_seed(config.seed)
         train_loader = DataLoader(
             self.train_dataset,
             shuffle=True,
