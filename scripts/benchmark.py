@@ -798,6 +798,7 @@ def run_cost(profile: str, *, dry_run: bool = False, rounds: Optional[int] = Non
     widths = targeted_widths(probe, target_modules(model_spec))
     del probe
     method_list = matched_methods(widths, cfg["block"], which)
+    machine = machine_info()  # before the run: the commit the workers import
     log(f"[{profile}{' dry-run' if dry_run else ''}] {model_spec.kind} batch {model_spec.batch}x{model_spec.seq}, "
         f"{len(widths)} targeted linears, methods: {', '.join(m.name for m in method_list)}")
     prof = tuple(m.name for m in method_list if m.name.startswith(("lora", "orthora-cayley-output",
@@ -811,7 +812,7 @@ def run_cost(profile: str, *, dry_run: bool = False, rounds: Optional[int] = Non
     return {
         "profile": profile,
         "dry_run": dry_run,
-        "machine": machine_info(),
+        "machine": machine,
         "model": asdict(model_spec),
         "settings": {**{k: v for k, v in cfg.items() if k != "model"}, "threads_per_worker": threads,
                      "paired": paired, "methods": which},
@@ -836,6 +837,7 @@ def run_scaling(*, quick: bool = False, rounds: int = 3, threads: Optional[int] 
     for s in seqs:
         sweeps.append(("tokens", s, ModelSpec(**base, width=1024 if not quick else 64, seq=s), 32 if not quick else 8))
     rows = []
+    machine = machine_info()
     for knob, value, spec, block in sweeps:
         widths_ = [(spec.width, spec.width)] * spec.depth
         methods = matched_methods(widths_, block, "pair")
@@ -845,7 +847,7 @@ def run_scaling(*, quick: bool = False, rounds: int = 3, threads: Optional[int] 
         for row in summarize(res, spec):
             row.update(knob=knob, value=value, width=spec.width, block=block, tokens=spec.batch * spec.seq)
             rows.append(row)
-    return {"profile": "scaling", "machine": machine_info(), "rows": rows}
+    return {"profile": "scaling", "machine": machine, "rows": rows}
 
 
 def scaling_table(rows: list[dict]) -> str:
@@ -949,6 +951,7 @@ def run_quality(args: argparse.Namespace, log=print) -> dict:
     methods = quality_methods(names, BERT_TARGETS)
     partial = None if args.no_write else Path(args.out_dir) / "quality-partial.json"
     runs = []
+    machine = machine_info()
     started = time.perf_counter()
     for task in tasks:
         for lr in lrs:
@@ -967,7 +970,7 @@ def run_quality(args: argparse.Namespace, log=print) -> dict:
                         partial.write_text(json.dumps({"args": vars(args), "runs": runs}, default=str))
                     log(f"  [{time.perf_counter() - started:6.0f}s] {task} {name} lr={lr:g} seed={seed}: "
                         f"score={_fmt(r['score'], '.4f')} {r.get('error', '')}")
-    return {"profile": "quality", "machine": machine_info(), "tasks": tasks, "methods": {n: m for n, m in methods.items()},
+    return {"profile": "quality", "machine": machine, "tasks": tasks, "methods": {n: m for n, m in methods.items()},
             "lrs": lrs, "seeds": seeds, "train_samples": args.train_samples, "epochs": args.epochs,
             "eval_samples": args.eval_samples, "squad_eval_samples": args.squad_eval_samples, "runs": runs,
             "summary": summarize_quality(runs, tasks, list(methods))}
@@ -1033,6 +1036,53 @@ def quality_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+
+# -------------------------------------------------------------------------------------------------------- micro
+def run_micro(*, tokens: int = 2048, reps: int = 15, log=print) -> dict:
+    """Isolated, interleaved fwd+bwd timings: orthora's activation-rotation path vs a LoRA pair (1 thread, CPU)."""
+    import torch
+
+    from orthora import rotations as rot
+
+    torch.manual_seed(0)
+    rows = []
+
+    def timed(fns: dict) -> dict:
+        for f in fns.values():
+            f()
+        ts = {n: [] for n in fns}
+        for _ in range(reps):
+            for n, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                ts[n].append(time.perf_counter() - t0)
+        return {n: {"min_ms": min(v) * 1e3, "median_ms": statistics.median(v) * 1e3} for n, v in ts.items()}
+
+    for d in (384, 1536):
+        b, k = 32, d // 32
+        p = (0.01 * torch.randn(k, b * (b - 1) // 2)).requires_grad_()
+        x0 = torch.randn(tokens, d)
+        a_w = torch.randn(8, d, requires_grad=True)
+        b_w = torch.randn(d, 8, requires_grad=True)
+
+        def lora(x0=x0, a_w=a_w, b_w=b_w):
+            x = x0.clone().requires_grad_()
+            (x + (x @ a_w.T) @ b_w.T).sum().backward()
+
+        def orth(x0=x0, p=p, b=b):
+            x = x0.clone().requires_grad_()
+            rot.rotate(x, rot.cayley(rot.skew_symmetric(p, b))).sum().backward()
+
+        def blocks_only(p=p, b=b):
+            rot.cayley(rot.skew_symmetric(p, b)).sum().backward()
+
+        res = timed({"lora_pair_r8": lora, "orthora_rotate_cayley_b32": orth, "cayley_blocks_only": blocks_only})
+        rows.append({"case": f"rotation d={d} tokens={tokens}", **res})
+    for r in rows:
+        log(json.dumps(r))
+    return {"profile": "micro", "machine": machine_info(), "rows": rows}
+
+
 def write_outputs(report: dict, markdown: str, tag: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
     """Write ``<tag>-<date>.json`` and ``.md`` to ``out_dir``; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1078,7 +1128,7 @@ def slim(report: dict) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", choices=["cpu-small", "cpu", "gpu", "scaling", "quality"])
+    parser.add_argument("--profile", choices=["cpu-small", "cpu", "gpu", "scaling", "quality", "micro"])
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU, same code path (smoke test)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: per profile)")
     parser.add_argument("--methods", default=None, help="method set: all, small, smoke, pair")
@@ -1121,6 +1171,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["command"] = command
         md = render_cost(report, command)
         tag = args.profile + ("-dryrun" if args.dry_run else "")
+    elif args.profile == "micro":
+        import torch
+
+        torch.set_num_threads(threads or torch.get_num_threads())
+        report = run_micro()
+        report["command"] = command
+        md_lines = [f"## micro: `{command}` — {report['machine']['date']}, {report['machine']['cpu_model']}, 1 thread",
+                    "", "| case | timings (fwd+bwd, min / median ms) |", "|---|---|"]
+        for r in report["rows"]:
+            cells = "; ".join(f"{n}: {v['min_ms']:.2f} / {v['median_ms']:.2f}" for n, v in r.items()
+                              if isinstance(v, dict))
+            md_lines.append(f"| {r['case']} | {cells} |")
+        md = "\n".join(md_lines)
+        tag = "micro"
     elif args.profile == "scaling":
         report = run_scaling(quick=args.dry_run, rounds=args.rounds or 3, threads=threads)
         report["command"] = command
