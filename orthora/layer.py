@@ -345,6 +345,12 @@ class OrthoLayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the adapters' rotations into the base weights (the result is computed before anything is written)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight_dtype = self.get_base_layer().weight.dtype
+        if adapter_names and not weight_dtype.is_floating_point:
+            raise ValueError(
+                f"cannot merge into {type(self.get_base_layer()).__name__} weights of dtype {weight_dtype} "
+                "(quantized?); run the adapter unmerged or dequantize the base model first"
+            )
         for name in adapter_names:
             if not self._has_adapter(name):
                 continue

@@ -190,3 +190,22 @@ def test_mixed_batch_needs_one_name_per_sample():
     model.train()
     with pytest.raises(ValueError, match="training mode"):
         model(input_ids=batch_for("cls")["input_ids"], adapter_names=["default"] * 3)
+
+
+def test_merging_into_non_float_weights_is_refused_and_changes_nothing():
+    model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=["query"], block_size=16))
+    layer = next(m for m in model.modules() if isinstance(m, OrthoLayer))
+    base = layer.get_base_layer()
+    base.weight = nn.Parameter(torch.zeros_like(base.weight, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="cannot merge into Linear weights of dtype torch.int8"):
+        layer.merge()
+    assert not layer.merged and torch.equal(base.weight, torch.zeros_like(base.weight))
+
+
+def test_is_trainable_loading_makes_rotations_trainable(tmp_path):
+    path = _saved_adapter(tmp_path, block_size=16)
+    frozen = PeftModel.from_pretrained(tiny_bert(), path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = PeftModel.from_pretrained(tiny_bert(), path, is_trainable=True)
+    names = [n for n, p in trainable.named_parameters() if p.requires_grad]
+    assert names and all(".ortho_" in n for n in names)
