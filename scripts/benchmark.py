@@ -970,6 +970,8 @@ def run_quality(args: argparse.Namespace, log=print) -> dict:
                         partial.write_text(json.dumps({"args": vars(args), "runs": runs}, default=str))
                     log(f"  [{time.perf_counter() - started:6.0f}s] {task} {name} lr={lr:g} seed={seed}: "
                         f"score={_fmt(r['score'], '.4f')} {r.get('error', '')}")
+    if partial is not None and partial.exists():  # complete: the final JSON supersedes it
+        partial.unlink()
     return {"profile": "quality", "machine": machine, "tasks": tasks, "methods": {n: m for n, m in methods.items()},
             "lrs": lrs, "seeds": seeds, "train_samples": args.train_samples, "epochs": args.epochs,
             "eval_samples": args.eval_samples, "squad_eval_samples": args.squad_eval_samples, "runs": runs,
