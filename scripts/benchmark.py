@@ -1151,7 +1151,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--lrs", default="", help="comma-separated LR grid, the same for every method")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--render-partial", default=None, help="quality: render the table from a partial JSON")
+    parser.add_argument("--render-partial", nargs="+", default=None, metavar="JSON",
+                        help="quality: render the table from saved runs (partial or finished JSON files; several "
+                        "files, e.g. task groups run in parallel processes, are merged)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -1196,16 +1198,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                         f"peft {m['peft']}", "", scaling_table(report["rows"])])
         tag = "scaling" + ("-dryrun" if args.dry_run else "")
     else:  # quality
-        if args.render_partial:  # table from the runs a cut-short sweep left in quality-partial.json
-            saved = json.loads(Path(args.render_partial).read_text())
-            runs = saved["runs"]
-            for key in ("train_samples", "epochs", "eval_samples", "squad_eval_samples"):
-                setattr(args, key, saved["args"][key])
+        if args.render_partial:  # table from saved runs: a cut-short sweep, or task groups run in parallel
+            runs, settings = [], {}
+            for path in args.render_partial:
+                saved = json.loads(Path(path).read_text())
+                runs.extend(saved["runs"])
+                source = saved.get("args", saved)  # partial files keep the CLI args, finished reports the fields
+                for key in ("train_samples", "epochs", "eval_samples", "squad_eval_samples"):
+                    if settings.setdefault(key, source.get(key)) != source.get(key):
+                        raise SystemExit(f"{path}: {key}={source.get(key)} differs from the other files")
+            for key, value in settings.items():
+                setattr(args, key, value)
             tasks = list(dict.fromkeys(r["task"] for r in runs))
             names = list(dict.fromkeys(r["method"] for r in runs))
             report = {"profile": "quality", "machine": machine_info(), "tasks": tasks, "runs": runs,
                       "lrs": sorted({r["lr"] for r in runs}), "seeds": sorted({r["seed"] for r in runs}),
-                      "partial_of": saved["args"], "summary": summarize_quality(runs, tasks, names)}
+                      "sources": list(args.render_partial), "summary": summarize_quality(runs, tasks, names)}
         else:
             report = run_quality(args)
         report["command"] = command
