@@ -21,7 +21,9 @@ RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) over its RSS after setu
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -172,6 +174,37 @@ def targeted_widths(model, targets: list[str]) -> list[tuple[int, int]]:
     return out
 
 
+@functools.cache
+def _boft_layer_params(d_in: int, d_out: int, block: int, factors: int) -> Optional[int]:
+    """Trainable parameters PEFT's BOFT really creates on one ``d_in -> d_out`` linear (None: config invalid)."""
+    import warnings
+
+    import peft
+    from torch import nn
+
+    layer = nn.Sequential()
+    layer.add_module("proj", nn.Linear(d_in, d_out))
+    config = peft.BOFTConfig(target_modules=["proj"], boft_block_size=block, boft_n_butterfly_factor=factors)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft.get_peft_model(layer, config)
+    except (ValueError, RuntimeError):
+        return None
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "boft_" in n)
+
+
+def boft_trainable_params(widths: list[tuple[int, int]], block: int, factors: int) -> Optional[int]:
+    """BOFT's trainable parameters over ``widths`` (counted per distinct shape, on instantiated layers)."""
+    total = 0
+    for (d_in, d_out), n in collections.Counter(widths).items():
+        per = _boft_layer_params(d_in, d_out, block, factors)
+        if per is None:
+            return None
+        total += n * per
+    return total
+
+
 def _even(x: float) -> int:
     return max(2, 2 * round(x / 2))
 
@@ -181,8 +214,9 @@ def matched_methods(widths: list[tuple[int, int]], block_size: int, which: str =
 
     Budget P = sum_d d_out (b-1)/2. LoRA r = round(P / sum(d_in + d_out)); OFT uses the same block size (its
     budget is d_in (b-1)/2, equal when sum d_in = sum d_out); HRA r = even(P / sum d_in); Householder reflections =
-    even(P / sum d_out); side="both" uses block b/2 on each side; BOFT: the (block, butterfly factors >= 2) pair
-    whose N * b' * sum d_in is closest to P.
+    even(P / sum d_out); side="both" uses block b/2 on each side; BOFT: the (block, butterfly factors) pair whose
+    *instantiated* PEFT layers have the trainable-parameter count closest to P (PEFT stores full b'xb' blocks and
+    silently drops to one butterfly factor when its CUDA extension is unavailable, so a formula would be wrong).
     """
     b = block_size
     sum_in = sum(i for i, _ in widths)
@@ -193,11 +227,13 @@ def matched_methods(widths: list[tuple[int, int]], block_size: int, which: str =
     refl = _even(budget / sum_out)
     best = None
     for bb in (2, 4, 8, 16, 32, 64):
-        for n in (2, 3, 4):
-            ok = all(i % bb == 0 and (i // bb) % (2 ** (n - 1)) == 0 for i, _ in widths)
-            if not ok:
+        for n in (1, 2, 3):
+            if not all(i % (bb * 2 ** (n - 1)) == 0 for i, _ in widths):
                 continue
-            err = abs(n * bb * sum_in + sum_out - budget)
+            count = boft_trainable_params(widths, bb, n)
+            if count is None:
+                continue
+            err = abs(count - budget)
             if best is None or err < best[0]:
                 best = (err, bb, n)
     half = max(2, b // 2)
@@ -893,13 +929,26 @@ def quality_methods(names: list[str], targets: list[str]) -> dict[str, tuple[str
         "oft": ("oft", dict(r=0, oft_block_size=32, use_cayley_neumann=True)),
         "oft-cayley": ("oft", dict(r=0, oft_block_size=32, use_cayley_neumann=False)),
         "hra": ("hra", dict(r=16)),
-        "boft": ("boft", dict(boft_block_size=8, boft_n_butterfly_factor=2)),
     }
     out = {}
     for n in names:
+        if n == "boft":  # the cost profile's rule, on MiniLM's real layer shapes
+            spec = next(m for m in matched_methods(minilm_widths(targets), 32, "all") if m.kind == "boft")
+            table["boft"] = ("boft", dict(spec.kwargs))
         method, kw = table[n]
         out[n] = (method, {**kw, "target_modules": list(targets)})
     return out
+
+
+def minilm_widths(targets: list[str]) -> list[tuple[int, int]]:
+    """``(d_in, d_out)`` of the MiniLM linears ``targets`` select, read from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(minilm_path())
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"query": (h, h), "key": (h, h), "value": (h, h), "attention.output.dense": (h, h),
+              "intermediate.dense": (h, i), "output.dense": (i, h)}
+    return [shapes[t] for t in targets] * cfg.num_hidden_layers
 
 
 def task_score(task: str, metrics: dict) -> Optional[float]:
