@@ -919,6 +919,8 @@ TASK_METRICS = {
     "squad": ("exact_match", "f1"),
 }
 DEFAULT_LR_GRID = (1e-3, 3e-3)
+#: ``--quality-targets``: every attention/MLP linear (the cost profiles' setting), or PEFT's BERT default q/v
+QUALITY_TARGETS = {"all": BERT_TARGETS, "qv": ["query", "value"]}
 
 
 def quality_methods(names: list[str], targets: list[str]) -> dict[str, tuple[str, dict]]:
@@ -997,7 +999,8 @@ def run_quality(args: argparse.Namespace, log=print) -> dict:
     names = [m.strip() for m in args.quality_methods.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else list(DEFAULT_LR_GRID)
-    methods = quality_methods(names, BERT_TARGETS)
+    targets = QUALITY_TARGETS[args.quality_targets]
+    methods = quality_methods(names, targets)
     partial = None if args.no_write else Path(args.out_dir) / "quality-partial.json"
     runs = []
     machine = machine_info()
@@ -1013,7 +1016,8 @@ def run_quality(args: argparse.Namespace, log=print) -> dict:
                             r["score"] = task_score(task, r["metrics"])
                         except Exception as exc:  # recorded, the sweep goes on
                             r = {"error": f"{type(exc).__name__}: {exc}", "score": None, "metrics": {}}
-                    r.update(task=task, method=name, lr=lr, seed=seed, wall_s=time.perf_counter() - t0)
+                    row_name = name if args.quality_targets == "all" else f"{name}-{args.quality_targets}"
+                    r.update(task=task, method=row_name, lr=lr, seed=seed, wall_s=time.perf_counter() - t0)
                     runs.append(r)
                     if partial is not None:  # a sweep cut short still leaves every finished run on disk
                         partial.write_text(json.dumps({"args": vars(args), "runs": runs}, default=str))
@@ -1022,9 +1026,9 @@ def run_quality(args: argparse.Namespace, log=print) -> dict:
     if partial is not None and partial.exists():  # complete: the final JSON supersedes it
         partial.unlink()
     return {"profile": "quality", "machine": machine, "tasks": tasks, "methods": {n: m for n, m in methods.items()},
-            "lrs": lrs, "seeds": seeds, "train_samples": args.train_samples, "epochs": args.epochs,
+            "lrs": lrs, "seeds": seeds, "targets": targets, "train_samples": args.train_samples, "epochs": args.epochs,
             "eval_samples": args.eval_samples, "squad_eval_samples": args.squad_eval_samples, "runs": runs,
-            "summary": summarize_quality(runs, tasks, list(methods))}
+            "summary": summarize_quality(runs, tasks, list(dict.fromkeys(r["method"] for r in runs)))}
 
 
 def summarize_quality(runs: list[dict], tasks: list[str], methods: list[str]) -> dict:
@@ -1193,6 +1197,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # quality
     parser.add_argument("--tasks", default="sst2,mrpc,stsb,rte,cola,squad")
     parser.add_argument("--quality-methods", default="orthora,lora,oft")
+    parser.add_argument("--quality-targets", choices=sorted(QUALITY_TARGETS), default="all",
+                        help="quality: all attention/MLP linears, or query/value only (every method alike)")
     parser.add_argument("--train-samples", type=int, default=500)
     parser.add_argument("--eval-samples", type=int, default=None, help="cap on GLUE dev rows (default: full)")
     parser.add_argument("--squad-eval-samples", type=int, default=1000, help="cap on SQuAD dev questions")
@@ -1269,7 +1275,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         m = report["machine"]
         md = "\n".join([
             f"## quality: all-MiniLM-L6-v2, {args.train_samples} train rows/task, {args.epochs} epochs, "
-            f"LR grid {report['lrs']}, seeds {report['seeds']}",
+            f"LR grid {report['lrs']}, seeds {report['seeds']} (method suffix -qv: query/value targets only, "
+            "otherwise all 36 attention/MLP linears)",
             f"`{command}` — {m['date']}, {m['cpu_model']} ({m['host_cores']} cores), torch {m['torch']}, "
             f"peft {m['peft']}, commit {m.get('git_commit', '?')}",
             f"Dev sets: GLUE {'full' if args.eval_samples is None else f'first {args.eval_samples} rows'}; "

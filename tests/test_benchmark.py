@@ -72,3 +72,49 @@ def test_gpu_profile_dry_run_in_process(bench):
         assert "error" not in row, row
         assert _finite_positive(row["step_s"]) and _finite_positive(row["trainable_params"])
         assert _finite_positive(row["infer_merged_ratio"])
+
+
+def test_boft_budget_counts_instantiated_layers(bench):
+    """The BOFT rule counts what PEFT really builds (full b'xb' blocks + an output scale), not a formula."""
+    widths = [(64, 64), (64, 64), (64, 128)]
+    for block, factors in ((8, 1), (4, 2)):
+        count = bench.boft_trainable_params(widths, block, factors)
+        import peft
+        import torch
+
+        class Stack(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b, self.c = (torch.nn.Linear(i, o) for i, o in widths)
+
+        model = peft.get_peft_model(Stack(), peft.BOFTConfig(target_modules=["a", "b", "c"], boft_block_size=block,
+                                                             boft_n_butterfly_factor=factors))
+        assert count == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    boft = next(m for m in bench.matched_methods(widths, 8, "all") if m.kind == "boft")
+    chosen = bench.boft_trainable_params(widths, boft.kwargs["boft_block_size"], boft.kwargs["boft_n_butterfly_factor"])
+    budget = sum(o for _, o in widths) * (8 - 1) / 2
+    for b in (2, 4, 8, 16, 32):  # no valid single-factor config is closer to the budget
+        other = bench.boft_trainable_params(widths, b, 1)
+        assert other is None or abs(chosen - budget) <= abs(other - budget)
+
+
+def test_quality_summary_picks_best_lr_and_keeps_target_configs_apart(bench):
+    """Best LR by seed mean per (method, task); the GLUE mean and its per-seed spread; -qv rows stay separate."""
+
+    def run(method, task, lr, seed, score):
+        metric = {"sst2": "accuracy", "rte": "accuracy"}[task]
+        return {"method": method, "task": task, "lr": lr, "seed": seed, "score": score, "metrics": {metric: score},
+                "trainable_params": 10}
+
+    runs = [run("orthora", "sst2", 1e-3, 0, 0.80), run("orthora", "sst2", 1e-3, 1, 0.70),
+            run("orthora", "sst2", 3e-3, 0, 0.74), run("orthora", "sst2", 3e-3, 1, 0.74),
+            run("orthora", "rte", 1e-3, 0, 0.50), run("orthora", "rte", 1e-3, 1, 0.60),
+            run("orthora-qv", "sst2", 1e-3, 0, 0.90), run("orthora-qv", "rte", 1e-3, 0, 0.40)]
+    summary = bench.summarize_quality(runs, ["sst2", "rte"], ["orthora", "orthora-qv"])
+    sst2 = summary["orthora"]["tasks"]["sst2"]
+    assert sst2["lr"] == 1e-3 and sst2["score"] == pytest.approx(0.75) and (sst2["min"], sst2["max"]) == (0.70, 0.80)
+    assert summary["orthora"]["glue_mean"] == pytest.approx((0.75 + 0.55) / 2)
+    assert sorted(summary["orthora"]["glue_mean_per_seed"]) == pytest.approx([0.65, 0.65])
+    assert summary["orthora-qv"]["glue_mean"] == pytest.approx(0.65)
+    table = bench.quality_table({"tasks": ["sst2", "rte"], "summary": summary})
+    assert "| orthora | 10 | 0.750 (lr 0.001, ±0.050)" in table and "| orthora-qv |" in table
