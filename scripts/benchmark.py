@@ -1061,8 +1061,16 @@ def summarize_quality(runs: list[dict], tasks: list[str], methods: list[str]) ->
                         seed_means.setdefault(r["seed"], []).append(r["score"])
         complete = [statistics.mean(v) for v in seed_means.values() if len(v) == len(glue)]
         out[m] = {"tasks": per_task, "glue_mean": statistics.mean(glue) if glue else None,
-                  "glue_mean_per_seed": complete}
+                  "glue_mean_per_seed": complete, "train_time_vs_lora": _train_time_vs_lora(runs, m)}
     return out
+
+
+def _train_time_vs_lora(runs: list[dict], method: str) -> Optional[float]:
+    """Median over (task, LR, seed) of this method's training time / LoRA's in the same setting (real training)."""
+    lora = {(r["task"], r["lr"], r["seed"]): r.get("train_time_s") for r in runs if r["method"] == "lora"}
+    ratios = [r["train_time_s"] / lora[key] for r in runs
+              if r["method"] == method and r.get("train_time_s") and lora.get(key := (r["task"], r["lr"], r["seed"]))]
+    return statistics.median(ratios) if ratios else None
 
 
 def quality_table(report: dict) -> str:
@@ -1071,8 +1079,8 @@ def quality_table(report: dict) -> str:
     heads = []
     for t in tasks:
         heads.append(f"{t} ({'/'.join(TASK_METRICS[t])})")
-    lines = ["| method | trainable params | " + " | ".join(heads) + " | GLUE mean (per-seed range) |",
-             "|" + "---|" * (len(tasks) + 3)]
+    lines = ["| method | trainable params | " + " | ".join(heads) + " | GLUE mean (per-seed range) "
+             "| train time × LoRA |", "|" + "---|" * (len(tasks) + 4)]
     for m, s in report["summary"].items():
         cells, params = [], None
         for t in tasks:
@@ -1086,8 +1094,9 @@ def quality_table(report: dict) -> str:
         per_seed = s["glue_mean_per_seed"]
         rng = f" ({min(per_seed):.3f}–{max(per_seed):.3f})" if len(per_seed) > 1 else ""
         gm = "–" if s["glue_mean"] is None else f"{s['glue_mean']:.4f}{rng}"
+        ratio = _fmt(s.get("train_time_vs_lora"), ".2f")
         lines.append(f"| {m} | {params if params is None else format(params, ',')} | " + " | ".join(cells)
-                     + f" | {gm} |")
+                     + f" | {gm} | {ratio} |")
     return "\n".join(lines)
 
 

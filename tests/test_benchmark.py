@@ -118,3 +118,13 @@ def test_quality_summary_picks_best_lr_and_keeps_target_configs_apart(bench):
     assert summary["orthora-qv"]["glue_mean"] == pytest.approx(0.65)
     table = bench.quality_table({"tasks": ["sst2", "rte"], "summary": summary})
     assert "| orthora | 10 | 0.750 (lr 0.001, ±0.050)" in table and "| orthora-qv |" in table
+
+
+def test_quality_train_time_ratio_pairs_runs_of_the_same_setting(bench):
+    runs = [{"method": "lora", "task": "sst2", "lr": 1e-3, "seed": 0, "train_time_s": 100.0},
+            {"method": "lora", "task": "rte", "lr": 1e-3, "seed": 0, "train_time_s": 200.0},
+            {"method": "orthora", "task": "sst2", "lr": 1e-3, "seed": 0, "train_time_s": 90.0},
+            {"method": "orthora", "task": "rte", "lr": 1e-3, "seed": 0, "train_time_s": 160.0},
+            {"method": "orthora", "task": "rte", "lr": 3e-3, "seed": 0, "train_time_s": 999.0}]  # no LoRA partner
+    assert bench._train_time_vs_lora(runs, "orthora") == pytest.approx((0.9 + 0.8) / 2)
+    assert bench._train_time_vs_lora(runs, "hra") is None
