@@ -279,6 +279,7 @@ def matched_methods(widths: list[tuple[int, int]], block_size: int, which: str =
         "targets": ["lora", "orthora-cayley-output", "orthora-exp-output", "orthora-householder-output",
                     "orthora-cayley-input", "oft-cayley_neumann", "oft-cayley"],
         "smoke": ["lora", "orthora-cayley-output", "oft-cayley"],
+        "peers": ["lora", "orthora-cayley-output", "orthora-householder-output", "hra", "boft"],
         "pair": ["lora", "orthora-cayley-output"],
     }
     return [methods[m] for m in sets[which] if m in methods]
@@ -1195,7 +1196,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--profile", choices=["cpu-small", "cpu", "gpu", "scaling", "quality", "micro"])
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU, same code path (smoke test)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: per profile)")
-    parser.add_argument("--methods", default=None, help="method set: all, small, smoke, pair")
+    parser.add_argument("--methods", default=None, help="method set: all, small, targets, peers, smoke, pair")
     parser.add_argument("--paired", action="store_true",
                         help="run a LoRA step next to every other method's step (A B A C ...); ratios from those pairs")
     parser.add_argument("--no-profiler", action="store_true", help="skip the torch.profiler breakdown")
