@@ -1,5 +1,6 @@
 """A training smoke test: orthora alone (plus the head) learns a separable task on a tiny BERT."""
 
+import pytest
 import torch
 from peft import get_peft_model
 from tiny_models import tiny_bert
@@ -58,3 +59,30 @@ def test_tiny_bert_learns_a_separable_task_with_only_orthora_and_the_head():
     for name, param in head_only.named_parameters():
         param.requires_grad = "classifier" in name
     assert train_and_score(head_only) < accuracy - 0.05
+
+
+@pytest.mark.parametrize(("side", "fold_policy"), [("output", "always"), ("both", "never")])
+def test_torch_compile_traces_without_graph_breaks_and_matches_eager(side, fold_policy):
+    """``fullgraph=True`` fails on any graph break; the compiled step gives eager's loss and gradients."""
+    model = get_peft_model(
+        tiny_bert(hidden=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        OrthoConfig(task_type="SEQ_CLS", target_modules=["query", "value", "dense"], block_size=8, side=side,
+                    init_weights=False),
+    )
+    for module in model.modules():
+        if hasattr(module, "fold_policy"):
+            module.fold_policy = fold_policy
+    inner = model.base_model.model.train()
+    ids, labels = make_separable_data(4, seed=0)
+    trainable = [p for p in inner.parameters() if p.requires_grad]
+
+    def loss_and_grads(fn):
+        loss = fn(input_ids=ids, labels=labels).loss
+        grads = torch.autograd.grad(loss, trainable)
+        return loss.detach(), grads
+
+    eager_loss, eager_grads = loss_and_grads(inner)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(inner, backend="eager", fullgraph=True))
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
