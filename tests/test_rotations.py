@@ -187,3 +187,33 @@ def test_rotate_rejects_mismatched_widths():
 def test_free_parameter_counts():
     assert rotations.num_free_parameters("cayley", 32) == 496
     assert rotations.num_free_parameters("householder", 32, num_reflections=4) == 128
+
+
+def test_cayley_equals_the_solve_definition_and_is_exactly_orthogonal_for_large_generators():
+    for norm in (0.01, 1.0, 30.0):
+        generator = rotations.skew_symmetric(random_params("cayley", 3, 16, norm, dtype=torch.float64), 16)
+        eye = torch.eye(16, dtype=torch.float64)
+        reference = torch.linalg.solve(eye + generator, eye - generator)
+        torch.testing.assert_close(rotations.cayley(generator), reference, rtol=0, atol=1e-10)
+
+
+def test_cayley_backward_matches_autograd_through_the_solve():
+    generator = rotations.skew_symmetric(random_params("cayley", 4, 8, 2.0, dtype=torch.float64), 8)
+    generator.requires_grad_()
+    upstream = torch.randn(4, 8, 8, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((rotations.cayley(generator) * upstream).sum(), generator)
+    eye = torch.eye(8, dtype=torch.float64)
+    (reference,) = torch.autograd.grad((torch.linalg.solve(eye + generator, eye - generator) * upstream).sum(),
+                                       generator)
+    torch.testing.assert_close(ours, reference)
+
+
+@pytest.mark.parametrize("parametrization", ALL)
+def test_blocks_stay_float32_and_orthogonal_under_bf16_autocast(parametrization):
+    params = random_params(parametrization, 4, 32, 1.0).requires_grad_()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        blocks = rotations.orthogonal_blocks(params, parametrization, 32)
+        blocks.sum().backward()
+    assert blocks.dtype == torch.float32 and params.grad.dtype == torch.float32
+    if parametrization in EXACT:
+        assert rotations.orthogonality_error(blocks) < 1e-5
