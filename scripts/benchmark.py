@@ -1032,6 +1032,22 @@ def run_quality(args: argparse.Namespace, log=print) -> dict:
             "summary": summarize_quality(runs, tasks, list(dict.fromkeys(r["method"] for r in runs)))}
 
 
+def select_runs(runs: list[dict], *, lrs: str = "", seeds: str = "") -> list[dict]:
+    """Saved runs restricted to the ``--lrs`` / ``--seeds`` given (empty: all); a repeated setting is an error."""
+    keep_lrs = {float(x) for x in lrs.split(",") if x.strip()}
+    keep_seeds = {int(x) for x in seeds.split(",") if x.strip()}
+    seen, out = set(), []
+    for r in runs:
+        if (keep_lrs and r["lr"] not in keep_lrs) or (keep_seeds and r["seed"] not in keep_seeds):
+            continue
+        key = (r["task"], r["method"], r["lr"], r["seed"])
+        if key in seen:
+            raise SystemExit(f"run {key} appears twice in the saved files")
+        seen.add(key)
+        out.append(r)
+    return out
+
+
 def summarize_quality(runs: list[dict], tasks: list[str], methods: list[str]) -> dict:
     """Per (method, task): best LR by seed-mean score, its mean, min-max spread and metrics; and the GLUE mean."""
     out: dict[str, dict] = {}
@@ -1218,7 +1234,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--render-partial", nargs="+", default=None, metavar="JSON",
                         help="quality: render the table from saved runs (partial or finished JSON files; several "
-                        "files, e.g. task groups run in parallel processes, are merged)")
+                        "files, e.g. task groups run in parallel processes, are merged; --lrs and --seeds select runs)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -1274,6 +1290,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         raise SystemExit(f"{path}: {key}={source.get(key)} differs from the other files")
             for key, value in settings.items():
                 setattr(args, key, value)
+            runs = select_runs(runs, lrs=args.lrs, seeds=args.seeds)
             tasks = list(dict.fromkeys(r["task"] for r in runs))
             names = list(dict.fromkeys(r["method"] for r in runs))
             report = {"profile": "quality", "machine": machine_info(), "tasks": tasks, "runs": runs,

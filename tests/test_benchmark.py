@@ -128,3 +128,11 @@ def test_quality_train_time_ratio_pairs_runs_of_the_same_setting(bench):
             {"method": "orthora", "task": "rte", "lr": 3e-3, "seed": 0, "train_time_s": 999.0}]  # no LoRA partner
     assert bench._train_time_vs_lora(runs, "orthora") == pytest.approx((0.9 + 0.8) / 2)
     assert bench._train_time_vs_lora(runs, "hra") is None
+
+
+def test_select_runs_filters_and_refuses_duplicates(bench):
+    runs = [{"task": "sst2", "method": "lora", "lr": lr, "seed": seed} for lr in (1e-3, 3e-3) for seed in (0, 1)]
+    assert len(bench.select_runs(runs)) == 4
+    assert [(r["lr"], r["seed"]) for r in bench.select_runs(runs, lrs="1e-3", seeds="0")] == [(1e-3, 0)]
+    with pytest.raises(SystemExit, match="appears twice"):
+        bench.select_runs(runs + runs[:1])
