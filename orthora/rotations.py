@@ -81,7 +81,9 @@ class _CayleyMap(torch.autograd.Function):
     def forward(ctx, generator: torch.Tensor) -> torch.Tensor:
         eye = _eye_like(generator)
         spd = eye - generator @ generator  # = I + A^T A
-        inverse = (eye - generator) @ torch.cholesky_inverse(torch.linalg.cholesky(spd))  # (I + A)^-1
+        # cholesky_ex: no error check, hence no host-device sync on GPU (I + A^T A is always positive definite)
+        factor = torch.linalg.cholesky_ex(spd).L
+        inverse = (eye - generator) @ torch.cholesky_inverse(factor)  # (I + A)^-1
         rotation = 2 * inverse - eye
         ctx.save_for_backward(rotation)
         return rotation
