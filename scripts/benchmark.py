@@ -1083,10 +1083,16 @@ def summarize_quality(runs: list[dict], tasks: list[str], methods: list[str]) ->
 
 
 def _train_time_vs_lora(runs: list[dict], method: str) -> Optional[float]:
-    """Median over (task, LR, seed) of this method's training time / LoRA's in the same setting (real training)."""
-    lora = {(r["task"], r["lr"], r["seed"]): r.get("train_time_s") for r in runs if r["method"] == "lora"}
-    ratios = [r["train_time_s"] / lora[key] for r in runs
-              if r["method"] == method and r.get("train_time_s") and lora.get(key := (r["task"], r["lr"], r["seed"]))]
+    """Median over (task, LR, seed) of this method's training time / LoRA's in the same setting (real training).
+
+    Only runs of the same sweep are paired (methods are interleaved there, so machine load hits both alike)."""
+
+    def key(r: dict) -> tuple:
+        return r["task"], r["lr"], r["seed"], r.get("source")
+
+    lora = {key(r): r.get("train_time_s") for r in runs if r["method"] == "lora"}
+    ratios = [r["train_time_s"] / lora[key(r)] for r in runs
+              if r["method"] == method and r.get("train_time_s") and lora.get(key(r))]
     return statistics.median(ratios) if ratios else None
 
 
@@ -1283,7 +1289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             runs, settings = [], {}
             for path in args.render_partial:
                 saved = json.loads(Path(path).read_text())
-                runs.extend(saved["runs"])
+                runs.extend({**r, "source": str(path)} for r in saved["runs"])  # times pair within one sweep
                 source = saved.get("args", saved)  # partial files keep the CLI args, finished reports the fields
                 for key in ("train_samples", "epochs", "eval_samples", "squad_eval_samples"):
                     if settings.setdefault(key, source.get(key)) != source.get(key):

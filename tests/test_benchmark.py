@@ -136,3 +136,9 @@ def test_select_runs_filters_and_refuses_duplicates(bench):
     assert [(r["lr"], r["seed"]) for r in bench.select_runs(runs, lrs="1e-3", seeds="0")] == [(1e-3, 0)]
     with pytest.raises(SystemExit, match="appears twice"):
         bench.select_runs(runs + runs[:1])
+
+
+def test_quality_train_time_ratio_never_pairs_runs_of_different_sweeps(bench):
+    runs = [{"method": "lora", "task": "sst2", "lr": 1e-3, "seed": 0, "train_time_s": 100.0, "source": "a.json"},
+            {"method": "hra", "task": "sst2", "lr": 1e-3, "seed": 0, "train_time_s": 900.0, "source": "b.json"}]
+    assert bench._train_time_vs_lora(runs, "hra") is None
