@@ -928,6 +928,7 @@ def quality_methods(names: list[str], targets: list[str]) -> dict[str, tuple[str
     """(train-engine method, adapter kwargs) per quality method, at the cost profile's matched budgets."""
     table = {
         "orthora": ("orthora", dict(block_size=32, parametrization="cayley", side="output")),
+        "orthora-input": ("orthora", dict(block_size=32, parametrization="cayley", side="input")),
         "lora": ("lora", dict(r=8, lora_alpha=16, lora_dropout=0.0)),
         "oft": ("oft", dict(r=0, oft_block_size=32, use_cayley_neumann=True)),
         "oft-cayley": ("oft", dict(r=0, oft_block_size=32, use_cayley_neumann=False)),
