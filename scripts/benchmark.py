@@ -945,14 +945,13 @@ def quality_methods(names: list[str], targets: list[str]) -> dict[str, tuple[str
 
 
 def minilm_widths(targets: list[str]) -> list[tuple[int, int]]:
-    """``(d_in, d_out)`` of the MiniLM linears ``targets`` select, read from its config (no weights loaded)."""
-    from transformers import AutoConfig
+    """``(d_in, d_out)`` of the MiniLM linears ``targets`` select: its config built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
 
-    cfg = AutoConfig.from_pretrained(minilm_path())
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    shapes = {"query": (h, h), "key": (h, h), "value": (h, h), "attention.output.dense": (h, h),
-              "intermediate.dense": (h, i), "output.dense": (i, h)}
-    return [shapes[t] for t in targets] * cfg.num_hidden_layers
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(minilm_path()))
+    return targeted_widths(model, targets)
 
 
 def task_score(task: str, metrics: dict) -> Optional[float]:
