@@ -15,10 +15,9 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ._peft_compat import ORTHORA_PEFT_TYPE
+from .rotations import PARAMETRIZATIONS, Parametrization, get_parametrization
 
 SIDES = ("output", "input", "both")
-PARAMETRIZATIONS = ("cayley", "cayley_neumann", "exp", "householder")
-EXACT_PARAMETRIZATIONS = ("cayley", "exp", "householder")
 BIAS_OPTIONS = ("none", "all", "ortho_only")
 
 #: Version of the on-disk adapter layout. Bump it when parameter names or shapes change and add a converter in
@@ -72,9 +71,9 @@ class OrthoConfig(PeftConfig):
     parametrization: Literal["cayley", "cayley_neumann", "exp", "householder"] = field(
         default="cayley",
         metadata={
-            "help": "Map from free parameters to an orthogonal block: 'cayley' (exact, solve), 'exp' (exact, matrix "
-            "exponential), 'householder' (exact, product of reflections) or 'cayley_neumann' (truncated Neumann series "
-            "of the same Cayley map: faster, approximately orthogonal)."
+            "help": "Map from free parameters to an orthogonal block: "
+            + "; ".join(f"'{spec.name}' ({spec.description})" for spec in PARAMETRIZATIONS.values())
+            + "."
         },
     )
     neumann_terms: int = field(
@@ -154,6 +153,7 @@ class OrthoConfig(PeftConfig):
                 f"OrthoConfig: unknown parametrization={self.parametrization!r}; "
                 f"valid values are {', '.join(PARAMETRIZATIONS)}."
             )
+        spec = self.parametrization_spec
         if self.bias not in BIAS_OPTIONS:
             raise ValueError(
                 f"OrthoConfig: unknown bias={self.bias!r}; valid values are {', '.join(BIAS_OPTIONS)}."
@@ -166,7 +166,7 @@ class OrthoConfig(PeftConfig):
             raise ValueError(
                 f"OrthoConfig: num_reflections must be a positive integer, got {self.num_reflections!r}."
             )
-        if self.parametrization == "householder" and self.init_weights and self.num_reflections % 2:
+        if not spec.uses_generator and self.init_weights and self.num_reflections % 2:
             raise ValueError(
                 f"OrthoConfig: num_reflections={self.num_reflections} is odd; the identity initialisation pairs equal "
                 "reflections, so use an even number (e.g. 2 or 4), or init_weights=False."
@@ -174,6 +174,12 @@ class OrthoConfig(PeftConfig):
         if self.max_angle is not None and not self.max_angle > 0:
             raise ValueError(
                 f"OrthoConfig: max_angle must be a positive number or None, got {self.max_angle!r}."
+            )
+        if self.max_angle is not None and not spec.uses_generator:
+            valid = ", ".join(name for name, other in PARAMETRIZATIONS.items() if other.uses_generator)
+            raise ValueError(
+                f"OrthoConfig: max_angle bounds a skew-symmetric generator, which parametrization="
+                f"{self.parametrization!r} does not have; use max_angle=None or one of {valid}."
             )
         if not 0.0 <= self.module_dropout < 1.0:
             raise ValueError(f"OrthoConfig: module_dropout must be in [0, 1), got {self.module_dropout!r}.")
@@ -231,9 +237,14 @@ class OrthoConfig(PeftConfig):
         return config
 
     @property
+    def parametrization_spec(self) -> Parametrization:
+        """The entry of :data:`orthora.rotations.PARAMETRIZATIONS` for this config's parametrization."""
+        return get_parametrization(self.parametrization)
+
+    @property
     def is_exact(self) -> bool:
-        """True when every rotation is orthogonal to machine precision (all but cayley_neumann)."""
-        return self.parametrization in EXACT_PARAMETRIZATIONS
+        """True when every rotation is orthogonal to machine precision (see the parametrization table)."""
+        return self.parametrization_spec.exact
 
 
 def check_safetensors_file(path: str) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import rotations
-from .config import EXACT_PARAMETRIZATIONS, OrthoConfig
+from .config import OrthoConfig
 
 BASE_ADAPTER_NAME = "__base__"  # in mixed batches: samples that use the base model
 
@@ -110,15 +110,11 @@ class BlockRotation(nn.Module):
         self.neumann_terms = config.neumann_terms
         self.max_angle = config.max_angle
         self.module_dropout = config.module_dropout
-        self.exact = config.parametrization in EXACT_PARAMETRIZATIONS
+        spec = config.parametrization_spec
+        self.exact = spec.exact
         stored_blocks = 1 if config.block_share else num_blocks
-        init = rotations.identity_parameters(
-            config.parametrization, stored_blocks, block_size, config.num_reflections
-        )
-        self.weight = nn.Parameter(init)
-        if not config.init_weights:
-            with torch.no_grad():
-                self.weight.add_(0.1 * torch.randn_like(self.weight))
+        initialise = spec.identity_init if config.init_weights else spec.random_init
+        self.weight = nn.Parameter(initialise(stored_blocks, block_size, config.num_reflections))
         self._cache: Optional[tuple[tuple, torch.Tensor]] = None
 
     def extra_repr(self) -> str:

@@ -10,9 +10,15 @@ reuse from the layers, the merge path and the benchmarks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 
 __all__ = [
+    "Parametrization",
+    "PARAMETRIZATIONS",
+    "get_parametrization",
     "num_free_parameters",
     "skew_symmetric",
     "constrain_generator",
@@ -31,13 +37,6 @@ __all__ = [
     "invert_blocks",
     "orthogonality_error",
 ]
-
-
-def num_free_parameters(parametrization: str, block_size: int, num_reflections: int = 2) -> int:
-    """Free parameters of one ``block_size`` x ``block_size`` orthogonal block."""
-    if parametrization == "householder":
-        return num_reflections * block_size
-    return block_size * (block_size - 1) // 2
 
 
 def skew_symmetric(params: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -135,6 +134,106 @@ def householder(vectors: torch.Tensor) -> torch.Tensor:
     return eye_b - units.mT @ coefficients
 
 
+@dataclass(frozen=True)
+class Parametrization:
+    """Everything orthora knows about one map from free parameters to an orthogonal block, in one place.
+
+    ``exact``: the block is orthogonal to working precision (transpose = inverse, memory-saving backward allowed).
+    ``map_generator``: ``(skew generator, neumann_terms) -> blocks`` for the maps whose parameters are the strict
+    upper triangle of a skew-symmetric generator (``max_angle`` applies to those); None for Householder, whose
+    parameters are ``num_reflections`` reflection vectors per block.
+    """
+
+    name: str
+    exact: bool
+    description: str
+    map_generator: Callable[[torch.Tensor, int], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def uses_generator(self) -> bool:
+        return self.map_generator is not None
+
+    def num_params(self, block_size: int, num_reflections: int = 2) -> int:
+        """Free parameters of one ``block_size`` x ``block_size`` block."""
+        if self.uses_generator:
+            return block_size * (block_size - 1) // 2
+        return num_reflections * block_size
+
+    def param_shape(self, num_blocks: int, block_size: int, num_reflections: int = 2) -> tuple[int, ...]:
+        """Shape of the stored parameter tensor for ``num_blocks`` blocks."""
+        if self.uses_generator:
+            return (num_blocks, self.num_params(block_size))
+        return (num_blocks, num_reflections, block_size)
+
+    def identity_init(
+        self, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None
+    ) -> torch.Tensor:
+        """Parameters whose blocks are exactly the identity.
+
+        Skew maps: zeros. Householder: pairs of equal reflections (``H(v) H(v) = I``, so ``num_reflections`` must be
+        even) with random directions, so the gradient is not degenerate at the start.
+        """
+        if self.uses_generator:
+            return torch.zeros(self.param_shape(num_blocks, block_size))
+        if num_reflections % 2:
+            raise ValueError(
+                f"num_reflections={num_reflections} is odd; the identity initialisation pairs equal reflections"
+            )
+        half = torch.randn(num_blocks, num_reflections // 2, block_size, generator=generator)
+        return half.repeat_interleave(2, dim=1)
+
+    def random_init(
+        self, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None
+    ) -> torch.Tensor:
+        """Parameters of random (non-identity) blocks, for tests: small generators, or random reflections."""
+        shape = self.param_shape(num_blocks, block_size, num_reflections)
+        noise = torch.randn(shape, generator=generator)
+        return 0.1 * noise if self.uses_generator else noise
+
+    def build(
+        self, params: torch.Tensor, block_size: int, *, neumann_terms: int = 5, max_angle: float | None = None
+    ) -> torch.Tensor:
+        """Parameters -> ``(k, b, b)`` blocks, in the parameters' dtype (see :func:`orthogonal_blocks`)."""
+        if self.map_generator is None:
+            return householder(params)
+        generator = skew_symmetric(params, block_size)
+        if max_angle is not None:
+            generator = constrain_generator(generator, max_angle)
+        return self.map_generator(generator, neumann_terms)
+
+
+#: The single table of parametrizations; config validation, the layers and the benchmark read it.
+PARAMETRIZATIONS: dict[str, Parametrization] = {
+    spec.name: spec
+    for spec in (
+        Parametrization("cayley", True, "exact, Cayley map by Cholesky", lambda a, _terms: cayley(a)),
+        Parametrization(
+            "cayley_neumann",
+            False,
+            "truncated Neumann series of the same Cayley map: faster, approximately orthogonal",
+            cayley_neumann,
+        ),
+        Parametrization("exp", True, "exact, matrix exponential", lambda a, _terms: exponential(a)),
+        Parametrization("householder", True, "exact, product of reflections"),
+    )
+}
+
+
+def get_parametrization(name: str) -> Parametrization:
+    """The table entry for ``name``, or a ValueError listing the valid names."""
+    try:
+        return PARAMETRIZATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown parametrization={name!r}; valid values are {', '.join(PARAMETRIZATIONS)}"
+        ) from None
+
+
+def num_free_parameters(parametrization: str, block_size: int, num_reflections: int = 2) -> int:
+    """Free parameters of one ``block_size`` x ``block_size`` orthogonal block."""
+    return get_parametrization(parametrization).num_params(block_size, num_reflections)
+
+
 def orthogonal_blocks(
     params: torch.Tensor,
     parametrization: str,
@@ -149,44 +248,23 @@ def orthogonal_blocks(
     ``params`` is ``(k, b(b-1)/2)`` for the skew-based maps and ``(k, r, b)`` for ``householder``. Low-precision
     parameters are upcast first, so bf16/fp16 models still get rotations that are orthogonal to float32 precision.
     """
+    spec = get_parametrization(parametrization)
     if compute_dtype not in (torch.float32, torch.float64):
         compute_dtype = torch.float32
     # an enclosing autocast would run the block products in bf16/fp16 and lose orthogonality: keep it off here
     with torch.autocast(device_type=params.device.type, enabled=False):
-        return _orthogonal_blocks(params.to(compute_dtype), parametrization, block_size, neumann_terms, max_angle)
-
-
-def _orthogonal_blocks(
-    params: torch.Tensor, parametrization: str, block_size: int, neumann_terms: int, max_angle: float | None
-) -> torch.Tensor:
-    if parametrization == "householder":
-        return householder(params)
-    generator = skew_symmetric(params, block_size)
-    if max_angle is not None:
-        generator = constrain_generator(generator, max_angle)
-    if parametrization == "cayley":
-        return cayley(generator)
-    if parametrization == "cayley_neumann":
-        return cayley_neumann(generator, neumann_terms)
-    if parametrization == "exp":
-        return exponential(generator)
-    raise ValueError(
-        f"unknown parametrization {parametrization!r}; valid: cayley, cayley_neumann, exp, householder"
-    )
+        return spec.build(
+            params.to(compute_dtype), block_size, neumann_terms=neumann_terms, max_angle=max_angle
+        )
 
 
 def identity_parameters(
     parametrization: str, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None
 ) -> torch.Tensor:
-    """Parameters whose rotation is exactly the identity.
-
-    Skew maps: zeros. Householder: pairs of equal reflections (``H(v) H(v) = I``) with random directions, so the
-    gradient is not degenerate at the start.
-    """
-    if parametrization != "householder":
-        return torch.zeros(num_blocks, block_size * (block_size - 1) // 2)
-    half = torch.randn(num_blocks, num_reflections // 2, block_size, generator=generator)
-    return half.repeat_interleave(2, dim=1)
+    """Parameters whose rotation is exactly the identity (see :meth:`Parametrization.identity_init`)."""
+    return get_parametrization(parametrization).identity_init(
+        num_blocks, block_size, num_reflections, generator
+    )
 
 
 def _rotate_rows(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
