@@ -1,0 +1,159 @@
+"""orthora.diagnostics: rotation angles, weight change, hyperspherical energy and representation shift."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, OFTConfig, get_peft_model
+from tiny_models import batch_for, tiny_bert
+
+import orthora
+from orthora import diagnostics
+
+
+def _orthora(side: str = "output", init_weights: bool = True, **kwargs):
+    config = orthora.OrthoConfig(
+        task_type="SEQ_CLS",
+        target_modules=["query", "value"],
+        block_size=16,
+        side=side,
+        init_weights=init_weights,
+        **kwargs,
+    )
+    return get_peft_model(tiny_bert(), config)
+
+
+def _brute_force_energy(weight: torch.Tensor) -> float:
+    units = torch.nn.functional.normalize(weight.double(), dim=1)
+    return sum(
+        1.0 / float((units[i] - units[j]).norm()) for i, j in itertools.combinations(range(len(units)), 2)
+    )
+
+
+def test_report_has_one_row_per_module_and_side_with_documented_keys():
+    rows = diagnostics.layer_report(_orthora(side="both"))
+    assert len(rows) == 2 * 2 * 2  # 2 layers x (query, value) x 2 sides
+    assert all(tuple(row) == diagnostics.REPORT_KEYS for row in rows)
+    assert {row["side"] for row in rows} == {"output", "input"}
+    assert rows[0]["module"] == "bert.encoder.layer.0.attention.self.query"
+    assert rows[0]["trainable_params"] == 4 * 16 * 15 // 2  # 64 wide: 4 blocks of 16
+
+
+def test_identity_adapter_reports_no_change():
+    model = _orthora()
+    rows = diagnostics.layer_report(model)
+    for row in rows:
+        assert row["distance_from_identity"] == 0
+        assert row["max_angle"] == 0 and row["relative_weight_change"] == 0
+        assert row["hyperspherical_energy_adapted"] == pytest.approx(
+            row["hyperspherical_energy_base"], rel=1e-12
+        )
+    shift = diagnostics.representation_shift(None, model, batch_for("cls"))
+    assert shift["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert len(shift["per_layer_mean_cosine"]) == 3  # embeddings + 2 layers
+
+
+def test_angles_and_distance_of_a_known_plane_rotation():
+    """exp of a generator with a single entry theta rotates one plane by theta: eigen-angles +-theta, 0."""
+    theta = 0.7
+    model = _orthora(parametrization="exp")
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        layer.ortho_out["default"].weight[0, 0] = theta  # block 0, entry (0, 1) of the generator
+    row = diagnostics.layer_report(model)[0]
+    assert row["max_angle"] == pytest.approx(theta, abs=1e-6)
+    assert row["mean_angle"] == pytest.approx(2 * theta / 64, abs=1e-6)  # two of 4 x 16 eigenvalues move
+    assert row["distance_from_identity"] == pytest.approx(math.sqrt(4 - 4 * math.cos(theta)), abs=1e-6)
+    assert row["orthogonality_error"] < 1e-6
+    weight = layer.get_base_layer().weight.detach().double()
+    delta = layer.get_delta_weight("default").double()
+    assert row["relative_weight_change"] == pytest.approx(float(delta.norm() / weight.norm()), rel=1e-6)
+
+
+def test_input_side_rotation_keeps_hyperspherical_energy_output_side_does_not():
+    rows_in = diagnostics.layer_report(_orthora(side="input", init_weights=False))
+    for row in rows_in:
+        assert row["hyperspherical_energy_adapted"] == pytest.approx(
+            row["hyperspherical_energy_base"], rel=1e-6
+        )  # float32 R
+    rows_out = diagnostics.layer_report(_orthora(side="output", init_weights=False))
+    changes = [
+        abs(r["hyperspherical_energy_adapted"] / r["hyperspherical_energy_base"] - 1) for r in rows_out
+    ]
+    assert max(changes) > 1e-4  # rows are mixed, so the energy moves
+
+
+def test_hyperspherical_energy_matches_brute_force_and_sampling_estimates_it():
+    weight = torch.randn(40, 7, generator=torch.Generator().manual_seed(0))
+    exact = _brute_force_energy(weight)
+    assert diagnostics.hyperspherical_energy(weight) == pytest.approx(exact, rel=1e-10)
+    sampled = diagnostics.hyperspherical_energy(weight, max_neurons=30)
+    assert sampled != pytest.approx(exact, rel=1e-10)  # it really sampled
+    assert sampled == pytest.approx(exact, rel=0.15)
+
+
+def test_peft_lora_rows_use_the_effective_weight_change():
+    model = get_peft_model(
+        tiny_bert(), LoraConfig(task_type="SEQ_CLS", target_modules=["query"], r=4, init_lora_weights=False)
+    )
+    rows = diagnostics.layer_report(model)
+    assert len(rows) == 2 and rows[0]["method"] == "peft-lora"
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    weight = layer.get_base_layer().weight.detach().double()
+    delta = (
+        layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    ).detach().double() * layer.scaling["default"]
+    assert rows[0]["relative_weight_change"] == pytest.approx(float(delta.norm() / weight.norm()), rel=1e-6)
+    assert rows[0]["max_angle"] is None and rows[0]["trainable_params"] == 4 * 64 * 2
+    assert rows[0]["hyperspherical_energy_adapted"] == pytest.approx(
+        _brute_force_energy(weight + delta), rel=1e-8
+    )
+    summary = diagnostics.model_summary(rows)
+    assert summary["methods"] == ["peft-lora"] and summary["max_angle"] is None
+
+
+def test_peft_oft_rows_read_its_rotation():
+    config = OFTConfig(
+        task_type="SEQ_CLS",
+        target_modules=["query"],
+        oft_block_size=16,
+        r=0,
+        use_cayley_neumann=False,
+        init_weights=False,
+    )
+    rows = diagnostics.layer_report(get_peft_model(tiny_bert(), config))
+    assert rows[0]["method"] == "peft-oft" and rows[0]["side"] == "input"
+    assert rows[0]["orthogonality_error"] < 1e-5 and rows[0]["max_angle"] > 0
+    assert rows[0]["hyperspherical_energy_adapted"] == pytest.approx(
+        rows[0]["hyperspherical_energy_base"], rel=1e-6
+    )
+
+
+def test_model_summary_aggregates_rows():
+    rows = diagnostics.layer_report(_orthora(init_weights=False))
+    summary = diagnostics.model_summary(rows)
+    assert tuple(summary) == diagnostics.SUMMARY_KEYS
+    assert summary["trainable_params"] == sum(r["trainable_params"] for r in rows)
+    assert summary["max_angle"] == max(r["max_angle"] for r in rows)
+    expected = math.sqrt(sum(r["weight_change_norm"] ** 2 for r in rows)) / math.sqrt(
+        sum(r["weight_norm"] ** 2 for r in rows)
+    )
+    assert summary["relative_weight_change"] == pytest.approx(expected)
+    assert summary["hyperspherical_energy_base"] == pytest.approx(
+        sum(r["hyperspherical_energy_base"] for r in rows)
+    )
+
+
+def test_representation_shift_sees_a_rotated_model_move():
+    model = _orthora(init_weights=False)
+    shift = diagnostics.representation_shift(None, model, batch_for("cls"))
+    assert shift["mean_cosine"] < 0.99999 and shift["min_cosine"] <= shift["mean_cosine"]
+    assert shift["per_layer_mean_cosine"][0] == pytest.approx(1.0)  # embeddings are not adapted
+
+
+def test_unknown_adapter_is_named():
+    with pytest.raises(ValueError, match="'missing'.*default"):
+        diagnostics.layer_report(_orthora(), adapter_name="missing")
