@@ -184,14 +184,37 @@ class OrthoLayer(BaseTunerLayer):
             k, b = block_shape(self.in_features, config, "input")
             self.ortho_in[adapter_name] = BlockRotation(self.in_features, k, b, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
-        self._keep_adapter_float32(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _keep_adapter_float32(self, adapter_name: str) -> None:
-        # rotations are computed in float32 whatever the base dtype, so keep their parameters there too
-        for table in (self.ortho_out, self.ortho_in):
-            if adapter_name in table and table[adapter_name].weight.dtype in (torch.float16, torch.bfloat16):
-                table[adapter_name].float()
+    def _adapter_rotations(self, adapter_name: str) -> list[BlockRotation]:
+        return [table[adapter_name] for table in (self.ortho_out, self.ortho_in) if adapter_name in table]
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        """Move the adapter to the base layer's device only; its dtype is set by ``cast_adapter_dtype``.
+
+        PEFT's version also casts to the base layer's dtype, which after a ``low_cpu_mem_usage`` load would leave
+        the parameters in half precision whatever ``autocast_adapter_dtype`` says.
+        """
+        base = self.get_base_layer()
+        target = device if device is not None else getattr(getattr(base, "weight", None), "device", None)
+        if target is None:
+            return
+        for rotation in self._adapter_rotations(adapter_name):
+            if rotation.weight.device.type != "meta":
+                rotation.to(target)
+
+    def cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's dtype contract: float32 parameters with ``autocast_adapter_dtype``, else the base layer's dtype.
+
+        Either way the blocks are built in float32 from the parameters (see :meth:`BlockRotation.blocks`).
+        """
+        base_dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())[1]
+        for rotation in self._adapter_rotations(adapter_name):
+            dtype = rotation.weight.dtype
+            if autocast_adapter_dtype and dtype.is_floating_point and dtype.itemsize < 4:
+                rotation.to(torch.float32)
+            elif not autocast_adapter_dtype and base_dtype is not None and base_dtype.is_floating_point:
+                rotation.to(base_dtype)
 
     def _rotations(self, name: str) -> tuple[BlockRotation | None, BlockRotation | None]:
         """(output-side, input-side) rotation of adapter ``name``; None where that side is not rotated."""

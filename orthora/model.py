@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -223,9 +222,7 @@ class OrthoModel(BaseTuner):
             raise ValueError("Cannot merge orthora layers when the model is gptq quantized")
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # rotations are float32 by design (see OrthoLayer._keep_adapter_float32); nothing to cast
-        if not autocast_adapter_dtype:
-            warnings.warn(
-                "orthora keeps rotation parameters in float32 regardless of autocast_adapter_dtype",
-                stacklevel=2,
-            )
+        # PEFT's generic cast only sees parameters keyed by adapter name; orthora's live inside BlockRotation modules
+        for module in self.model.modules():
+            if isinstance(module, OrthoLayer):
+                module.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
