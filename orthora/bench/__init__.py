@@ -1,0 +1,10 @@
+"""The cost and quality benchmark of orthora against PEFT's LoRA, OFT, BOFT and HRA, as library code.
+
+``python -m orthora.bench --profile cpu-small`` (or ``python scripts/benchmark.py ...``) runs a profile; see
+``docs/benchmarks.md``. Modules, by concern:
+
+* `orthora.bench.budgets`  matched trainable-parameter budgets and the adapter config of each method;
+* `orthora.bench.models`   what a benchmark trains: model specs, the MiniLM checkpoint, tiny and 1B Llama shapes;
+* `orthora.bench.quality`  the GLUE/SQuAD quality sweep through `orthora.train`;
+* `orthora.bench.report`   machine info, markdown tables and result files.
+"""

@@ -1,0 +1,337 @@
+"""Cost profiles: every method at a matched budget, trained step by step in interleaved worker subprocesses.
+
+All workers are started up front and the parent interleaves training steps across them (A B C A B C ...), rotating
+the starting method each round, so slow drifts of a shared machine hit every method alike; ``paired`` runs a LoRA
+step next to every other method's step (A B A C ...). Medians over rounds are reported, and ratios to LoRA are
+medians of per-round (or per-pair) ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict
+from typing import Any, Optional
+
+from .budgets import MethodSpec, matched_methods, targeted_widths
+from .models import LLAMA_TINY, ModelSpec, build_model, target_modules
+from .report import machine_info
+from .workers import Worker, WorkerProcess
+
+
+def run_interleaved(
+    model_spec: ModelSpec,
+    methods: list[MethodSpec],
+    *,
+    rounds: int,
+    steps_per_round: int = 1,
+    warmup: int = 1,
+    inference_reps: int = 5,
+    profile_methods: tuple[str, ...] = (),
+    in_process: bool = False,
+    threads: Optional[int] = None,
+    paired: bool = False,
+    log=print,
+) -> dict:
+    """Run every method on ``model_spec`` with interleaved steps; return per-method measurements.
+
+    ``paired=True`` runs a LoRA step right before every step of every other method (A B A C ...), and ratios to
+    LoRA use those adjacent pairs: the most robust to a machine whose load changes within a round.
+    ``in_process=True`` runs workers in this process one after another (no interleaving, memory not isolated):
+    only for the smoke test and environments that cannot spawn processes.
+    """
+    results: dict[str, dict] = {}
+    if in_process:
+        for m in methods:
+            w = Worker(model_spec, m)
+            w.steps(warmup)
+            times = [t for _ in range(rounds) for t in w.steps(steps_per_round)]
+            r = {
+                "times": times,
+                "round_medians": [
+                    statistics.median(times[i * steps_per_round : (i + 1) * steps_per_round])
+                    for i in range(rounds)
+                ],
+            }
+            if m.name in profile_methods:
+                r["profile"] = w.profile(1)
+            r.update(w.finish(inference_reps))
+            r["method"] = asdict(m)
+            results[m.name] = r
+        return results
+
+    workers = [WorkerProcess(model_spec, m, threads) for m in methods]
+    live = []
+    for w, m in zip(workers, methods, strict=False):
+        hello = w.read()
+        if not hello.get("ok"):
+            log(f"  {m.name}: FAILED at setup: {hello.get('error')}")
+            results[m.name] = {"method": asdict(m), "error": hello.get("error")}
+            w.close()
+        else:
+            results[m.name] = {"method": asdict(m), "times": [], "round_medians": []}
+            live.append((w, m))
+    for w, m in live:  # warm-up, untimed
+        rep = w.call(cmd="steps", n=warmup)
+        if not rep["ok"]:
+            results[m.name]["error"] = rep["error"]
+    live = [(w, m) for w, m in live if "error" not in results[m.name]]
+    ref = next(((w, m) for w, m in live if m.kind == "lora"), None) if paired else None
+    for r in range(rounds):
+        order = live[r % len(live) :] + live[: r % len(live)] if live else []
+        for w, m in order:
+            if ref is not None and m is ref[1]:
+                continue
+            ref_time = None
+            if ref is not None:  # A B A C A D ...: every step of a method sits next to a LoRA step
+                rep = ref[0].call(cmd="steps", n=1)
+                if rep["ok"]:
+                    ref_time = rep["times"][0]
+                    results[ref[1].name]["times"].extend(rep["times"])
+                    results[ref[1].name]["round_medians"].append(ref_time)
+            rep = w.call(cmd="steps", n=steps_per_round)
+            if not rep["ok"]:
+                results[m.name]["error"] = rep["error"]
+                continue
+            results[m.name]["times"].extend(rep["times"])
+            results[m.name]["round_medians"].append(statistics.median(rep["times"]))
+            if ref_time:
+                results[m.name].setdefault("paired_ratios", []).append(
+                    statistics.median(rep["times"]) / ref_time
+                )
+        log(
+            f"  round {r + 1}/{rounds}: "
+            + ", ".join(
+                f"{m.name}={results[m.name]['round_medians'][-1]:.3f}s"
+                for _, m in order
+                if results[m.name].get("round_medians")
+            )
+        )
+    for w, m in live:
+        if m.name in profile_methods and "error" not in results[m.name]:
+            rep = w.call(cmd="profile", n=2)
+            if rep["ok"]:
+                results[m.name]["profile"] = {k: rep[k] for k in ("top", "total_self_ms_per_step", "table")}
+        if "error" in results[m.name]:
+            w.close()
+            continue
+        rep = w.call(cmd="finish", inference_reps=inference_reps)
+        if rep["ok"]:
+            rep.pop("ok")
+            results[m.name].update(rep)
+        else:
+            results[m.name]["error"] = rep["error"]
+        w.close()
+    return results
+
+
+def summarize(results: dict, model_spec: ModelSpec, reference: Optional[str] = None) -> list[dict]:
+    """One row per method: medians, tokens/s, and ratios to the reference (LoRA) method."""
+    tokens = model_spec.batch * model_spec.seq
+    if reference is None:
+        reference = next((n for n in results if n.startswith("lora")), None)
+    ref = results.get(reference, {})
+    rows = []
+    for name, r in results.items():
+        row: dict[str, Any] = {"method": name, "kind": r["method"]["kind"], "config": r["method"]["kwargs"]}
+        if r.get("error") or not r.get("times"):
+            row["error"] = r.get("error", "no timings")
+            rows.append(row)
+            continue
+        step = statistics.median(r["round_medians"])
+        row.update(
+            step_s=step,
+            step_min_s=min(r["times"]),
+            tokens_per_s=tokens / step,
+            trainable_params=r.get("trainable_params"),
+            peak_mem_mb=None if r.get("peak_growth_bytes") is None else r["peak_growth_bytes"] / 2**20,
+            peak_abs_mb=None if r.get("peak_mem_bytes") is None else r["peak_mem_bytes"] / 2**20,
+            adapter_kb=None if r.get("adapter_bytes") is None else r["adapter_bytes"] / 1024,
+            infer_merged_ratio=r.get("infer_merged_ratio"),
+            infer_unmerged_ratio=r.get("infer_unmerged_ratio"),
+        )
+        if ref.get("round_medians") and not ref.get("error"):
+            pairs = r.get("paired_ratios") or [
+                a / b for a, b in zip(r["round_medians"], ref["round_medians"], strict=False)
+            ]
+            row["step_vs_lora"] = 1.0 if name == reference else statistics.median(pairs)
+            row["step_min_vs_lora"] = min(r["times"]) / min(ref["times"])
+            if row["peak_mem_mb"] is not None and ref.get("peak_growth_bytes"):
+                mem_key = "peak_mem_bytes" if model_spec.device.startswith("cuda") else "peak_growth_bytes"
+                row["mem_vs_lora"] = r[mem_key] / ref[mem_key]
+            if ref.get("trainable_params"):
+                row["params_vs_lora"] = r["trainable_params"] / ref["trainable_params"]
+        if "profile" in r:
+            row["profile_top"] = r["profile"]["top"][:8]
+        rows.append(row)
+    return rows
+
+
+COST_PROFILES = {
+    "cpu-small": dict(
+        model=ModelSpec("minilm", batch=4, seq=128),
+        methods="small",
+        rounds=7,
+        steps=2,
+        warmup=1,
+        inference_reps=15,
+        block=32,
+    ),
+    "cpu": dict(
+        model=ModelSpec("minilm", batch=16, seq=128),
+        methods="all",
+        rounds=5,
+        steps=2,
+        warmup=1,
+        inference_reps=9,
+        block=32,
+    ),
+    "gpu": dict(
+        model=ModelSpec("llama", batch=8, seq=1024, dtype="bfloat16", device="cuda"),
+        methods="all",
+        rounds=5,
+        steps=2,
+        warmup=2,
+        inference_reps=5,
+        block=32,
+    ),
+}
+
+
+def run_cost(
+    profile: str,
+    *,
+    dry_run: bool = False,
+    rounds: Optional[int] = None,
+    methods: Optional[str] = None,
+    profile_ops: bool = True,
+    in_process: bool = False,
+    threads: Optional[int] = None,
+    paired: bool = False,
+    log=print,
+) -> dict:
+    """A cost profile end to end: build the method list at matched budgets, run interleaved, summarise."""
+    cfg = dict(COST_PROFILES[profile])
+    model_spec = ModelSpec(**asdict(cfg["model"]))
+    which = methods or cfg["methods"]
+    if dry_run:  # same code path, tiny sizes, CPU
+        if model_spec.kind == "llama":
+            model_spec.llama = dict(LLAMA_TINY)
+            model_spec.device = "cpu"
+            model_spec.batch, model_spec.seq = 2, 32
+        else:
+            model_spec.kind, model_spec.batch, model_spec.seq = "bert-tiny", 2, 32
+        which = methods or "smoke"
+        cfg.update(rounds=1, warmup=1, inference_reps=1)
+    if rounds is not None:
+        cfg["rounds"] = rounds
+    # widths only: the 1B decoder is built on the meta device, the others are small enough to build for real
+    probe_device = "meta" if model_spec.kind == "llama" else "cpu"
+    probe = build_model(ModelSpec(**{**asdict(model_spec), "device": probe_device}))
+    widths = targeted_widths(probe, target_modules(model_spec))
+    del probe
+    method_list = matched_methods(widths, cfg["block"], which)
+    machine = machine_info()  # before the run: the commit the workers import
+    log(
+        f"[{profile}{' dry-run' if dry_run else ''}] {model_spec.kind} batch {model_spec.batch}x{model_spec.seq}, "
+        f"{len(widths)} targeted linears, methods: {', '.join(m.name for m in method_list)}"
+    )
+    prof = tuple(
+        m.name
+        for m in method_list
+        if m.name.startswith(("lora", "orthora-cayley-output", "orthora-householder-output", "oft-cayley"))
+    )
+    results = run_interleaved(
+        model_spec,
+        method_list,
+        rounds=cfg["rounds"],
+        steps_per_round=cfg["steps"],
+        warmup=cfg["warmup"],
+        inference_reps=cfg["inference_reps"],
+        profile_methods=prof if profile_ops else (),
+        in_process=in_process,
+        threads=threads,
+        paired=paired,
+        log=log,
+    )
+    rows = summarize(results, model_spec)
+    return {
+        "profile": profile,
+        "dry_run": dry_run,
+        "machine": machine,
+        "model": asdict(model_spec),
+        "settings": {
+            **{k: v for k, v in cfg.items() if k != "model"},
+            "threads_per_worker": threads,
+            "paired": paired,
+            "methods": which,
+        },
+        "budget_rule": matched_methods.__doc__.split("\n\n")[1].strip(),
+        "rows": rows,
+        "raw": {k: {kk: vv for kk, vv in v.items() if kk != "profile"} for k, v in results.items()},
+        "profiles": {k: v["profile"] for k, v in results.items() if "profile" in v},
+    }
+
+
+def run_micro(*, tokens: int = 2048, reps: int = 15, log=print) -> dict:
+    """Isolated, interleaved fwd+bwd timings: orthora's activation-rotation path vs a LoRA pair (1 thread, CPU)."""
+    import torch
+
+    from orthora import rotations as rot
+
+    torch.manual_seed(0)
+    rows = []
+
+    def timed(fns: dict) -> dict:
+        for f in fns.values():
+            f()
+        ts = {n: [] for n in fns}
+        for _ in range(reps):
+            for n, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                ts[n].append(time.perf_counter() - t0)
+        return {n: {"min_ms": min(v) * 1e3, "median_ms": statistics.median(v) * 1e3} for n, v in ts.items()}
+
+    for d in (384, 1536):
+        b, k = 32, d // 32
+        p = (0.01 * torch.randn(k, b * (b - 1) // 2)).requires_grad_()
+        x0 = torch.randn(tokens, d)
+        a_w = torch.randn(8, d, requires_grad=True)
+        b_w = torch.randn(d, 8, requires_grad=True)
+
+        def lora(x0=x0, a_w=a_w, b_w=b_w):
+            x = x0.clone().requires_grad_()
+            (x + (x @ a_w.T) @ b_w.T).sum().backward()
+
+        def orth(x0=x0, p=p, b=b):
+            x = x0.clone().requires_grad_()
+            rot.rotate(x, rot.cayley(rot.skew_symmetric(p, b))).sum().backward()
+
+        def blocks_only(p=p, b=b):
+            rot.cayley(rot.skew_symmetric(p, b)).sum().backward()
+
+        res = timed(
+            {"lora_pair_r8": lora, "orthora_rotate_cayley_b32": orth, "cayley_blocks_only": blocks_only}
+        )
+        rows.append({"case": f"rotation d={d} tokens={tokens}", **res})
+    for r in rows:
+        log(json.dumps(r))
+    return {"profile": "micro", "machine": machine_info(), "rows": rows}
+
+
+def micro_markdown(report: dict, command: str) -> str:
+    """The micro report as markdown: one row per case, min / median milliseconds per timed function."""
+    lines = [
+        f"## micro: `{command}` — {report['machine']['date']}, {report['machine']['cpu_model']}, 1 thread",
+        "",
+        "| case | timings (fwd+bwd, min / median ms) |",
+        "|---|---|",
+    ]
+    for r in report["rows"]:
+        cells = "; ".join(
+            f"{n}: {v['min_ms']:.2f} / {v['median_ms']:.2f}" for n, v in r.items() if isinstance(v, dict)
+        )
+        lines.append(f"| {r['case']} | {cells} |")
+    return "\n".join(lines)
