@@ -22,6 +22,8 @@ __all__ = [
     "num_free_parameters",
     "skew_symmetric",
     "constrain_generator",
+    "generator_norm_bound",
+    "limit_generator",
     "cayley",
     "cayley_neumann",
     "exponential",
@@ -55,6 +57,25 @@ def constrain_generator(generator: torch.Tensor, max_angle: float) -> torch.Tens
     """
     norm = torch.linalg.matrix_norm(generator, keepdim=True)
     return generator * torch.clamp(max_angle / norm.clamp_min(1e-12), max=1.0)
+
+
+def generator_norm_bound(generator: torch.Tensor) -> torch.Tensor:
+    """``(k, 1, 1)`` upper bounds of each skew-symmetric block's spectral norm: its largest absolute row sum.
+
+    ``||A||_2 <= sqrt(||A||_1 ||A||_inf)`` and ``||A||_1 = ||A||_inf`` for skew-symmetric ``A``. It costs ``O(b^2)``
+    (no extra matrix product) and is exact for a rotation in disjoint planes.
+    """
+    return generator.abs().sum(dim=-1).amax(dim=-1)[:, None, None]
+
+
+def limit_generator(generator: torch.Tensor, radius: float) -> torch.Tensor:
+    """Scale each block's generator so that :func:`generator_norm_bound` is at most ``radius`` (a no-op below it).
+
+    The scale is differentiable, and its gradient is exactly zero below the radius, so an untouched generator (zero
+    at initialisation included) trains exactly as without the limit.
+    """
+    bound = generator_norm_bound(generator)
+    return generator * torch.clamp(radius / bound.clamp_min(1e-12), max=1.0)
 
 
 def _eye_like(generator: torch.Tensor) -> torch.Tensor:
@@ -99,7 +120,8 @@ def cayley_neumann(generator: torch.Tensor, terms: int) -> torch.Tensor:
     """The same Cayley map with ``(I + A)^-1`` replaced by its first ``terms`` Neumann terms ``sum_j (-A)^j``.
 
     It approximates the *same* rotation as :func:`cayley` (not its transpose), so switching a trained adapter between
-    the two keeps its meaning. Orthogonal only up to ``O(||A||^terms)``.
+    the two keeps its meaning. Orthogonal only up to ``O(||A||^terms)``, and only meaningful for ``||A||_2 < 1``:
+    :func:`orthogonal_blocks` keeps the generator within :data:`NEUMANN_MAX_NORM` before calling it.
     """
     eye = _eye_like(generator)
     series = eye
@@ -142,12 +164,15 @@ class Parametrization:
     ``map_generator``: ``(skew generator, neumann_terms) -> blocks`` for the maps whose parameters are the strict
     upper triangle of a skew-symmetric generator (``max_angle`` applies to those); None for Householder, whose
     parameters are ``num_reflections`` reflection vectors per block.
+    ``safe_radius``: the generator is scaled so that an upper bound of its spectral norm stays within this radius
+    (see :func:`limit_generator`), where the map is accurate in float32 whatever an optimizer does to the parameters.
     """
 
     name: str
     exact: bool
     description: str
     map_generator: Callable[[torch.Tensor, int], torch.Tensor] | None = field(default=None, repr=False)
+    safe_radius: float | None = None
 
     @property
     def uses_generator(self) -> bool:
@@ -199,21 +224,38 @@ class Parametrization:
         generator = skew_symmetric(params, block_size)
         if max_angle is not None:
             generator = constrain_generator(generator, max_angle)
+        if self.safe_radius is not None:
+            generator = limit_generator(generator, self.safe_radius)
         return self.map_generator(generator, neumann_terms)
 
+
+#: Radius for the Cayley and exponential maps: float32 Cayley blocks lose orthogonality once ``I + A^T A`` is badly
+#: conditioned (``||A||_2`` in the hundreds, reachable with a large learning rate), and the exponential's scaling and
+#: squaring loses digits the same way. Within 10 both stay orthogonal to ~1e-5 in float32, and 10 still allows
+#: Cayley rotations up to ``2 atan(10) = 169`` degrees in each plane (and any angle up to pi for ``exp``).
+EXACT_MAX_NORM = 10.0
+#: Radius for ``cayley_neumann``: its series ``sum_j (-A)^j`` diverges once ``||A||_2`` reaches 1 (NaN after a few
+#: large steps). With ``||A||_2 <= rho`` the truncated map is ``R_n = (I - (-A)^n) R`` (``R`` the exact Cayley
+#: rotation), so ``||R_n - R||_2 <= rho^n`` and ``max|R_n^T R_n - I| <= 2 rho^n + rho^(2n)``.
+NEUMANN_MAX_NORM = 0.5
 
 #: The single table of parametrizations; config validation, the layers and the benchmark read it.
 PARAMETRIZATIONS: dict[str, Parametrization] = {
     spec.name: spec
     for spec in (
-        Parametrization("cayley", True, "exact, Cayley map by Cholesky", lambda a, _terms: cayley(a)),
+        Parametrization(
+            "cayley", True, "exact, Cayley map by Cholesky", lambda a, _terms: cayley(a), EXACT_MAX_NORM
+        ),
         Parametrization(
             "cayley_neumann",
             False,
             "truncated Neumann series of the same Cayley map: faster, approximately orthogonal",
             cayley_neumann,
+            NEUMANN_MAX_NORM,
         ),
-        Parametrization("exp", True, "exact, matrix exponential", lambda a, _terms: exponential(a)),
+        Parametrization(
+            "exp", True, "exact, matrix exponential", lambda a, _terms: exponential(a), EXACT_MAX_NORM
+        ),
         Parametrization("householder", True, "exact, product of reflections"),
     )
 }
