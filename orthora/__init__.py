@@ -15,6 +15,10 @@ from .model import OrthoModel  # noqa: E402
 
 register(OrthoConfig, OrthoModel, prefix=OrthoModel.prefix)
 
+from . import _peft_compat, hub  # noqa: E402
+
+_peft_compat.route_push_to_hub(hub.push_peft_model)
+
 __version__ = "0.1.0"
 __all__ = [
     "OrthoConfig",

@@ -75,3 +75,28 @@ def is_excluded(match) -> bool:
     from peft.tuners.tuners_utils import _ExcludedModule
 
     return isinstance(match, _ExcludedModule)
+
+
+def route_push_to_hub(push) -> None:
+    """Send ``PeftModel.push_to_hub`` of models holding an orthora adapter through ``push``.
+
+    The inherited transformers ``push_to_hub`` replaces the card with a generic transformers one (no
+    ``import orthora``, no settings); other PEFT methods keep PEFT's own behaviour.
+    """
+    import functools
+
+    from peft import PeftModel
+
+    inherited = PeftModel.push_to_hub
+    if getattr(inherited, "_orthora_route", False):
+        return
+
+    @functools.wraps(inherited)
+    def push_to_hub(self, repo_id: str, **kwargs):
+        configs = getattr(self, "peft_config", {}) or {}
+        if any(str(c.peft_type) == str(ORTHORA_PEFT_TYPE) for c in configs.values()):
+            return push(self, repo_id, **kwargs)
+        return inherited(self, repo_id, **kwargs)
+
+    push_to_hub._orthora_route = True
+    PeftModel.push_to_hub = push_to_hub

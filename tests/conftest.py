@@ -119,3 +119,35 @@ def tiny_train_models(tmp_path_factory) -> dict[str, str]:
         tokenizer.save_pretrained(root / name)
         paths[name] = str(root / name)
     return paths
+
+
+# --- orthora.hub: a Hub test double on 127.0.0.1 (tests/hub_server.py), the only Hub the tests can reach --------
+HUB_TOKEN = "hf_alice_test_token"
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A running `FakeHub` (user ``alice``, token `HUB_TOKEN`) with huggingface_hub pointed at it and a fresh cache.
+
+    Sets ``HF_ENDPOINT``/``HF_HUB_CACHE`` for subprocesses and the already-imported client's constants in-process.
+    """
+    import huggingface_hub.hf_api
+    import transformers.utils.hub
+    from huggingface_hub import constants
+    from hub_server import FakeHub
+
+    with FakeHub(tokens={HUB_TOKEN: "alice"}) as hub:
+        cache = tmp_path / "hf_cache"
+        for name, value in {"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0"}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no_token"))
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+        monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.endpoint)  # the module-level HfApi()
+        monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # transformers' shared HfApi, rebuilt lazily
+        hub.cache = cache
+        yield hub
