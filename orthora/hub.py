@@ -441,6 +441,26 @@ def push_adapter_folder(
             )
 
 
+def check_push_access(repo_id: str, token: str | None = None) -> str:
+    """Fail early (before a training run) if the token is missing, rejected, or cannot write under the namespace.
+
+    Returns the user name the token belongs to.
+    """
+    from huggingface_hub import get_token
+
+    if token is None and get_token() is None:
+        raise HubError(
+            f"pushing to {repo_id!r} needs a Hub token: set HF_TOKEN, run `hf auth login`, or pass a token"
+        )
+    with hub_errors(repo_id, action="push to"):
+        user = HfApi(token=token).whoami()
+    namespace = repo_id.split("/")[0] if "/" in repo_id else user["name"]
+    allowed = [user["name"], *(org.get("name") for org in user.get("orgs") or [])]
+    if namespace not in allowed:
+        raise HubError(f"the token belongs to {user['name']!r}, which cannot push under {namespace!r}")
+    return user["name"]
+
+
 def push_peft_model(model, repo_id: str, **kwargs: Any) -> CommitInfo:
     """``PeftModel.push_to_hub`` for models with an orthora adapter: save, write the orthora card, upload.
 

@@ -220,3 +220,85 @@ def test_local_base_path_stays_off_the_card(tmp_path, fake_hub):
     pushed = fake_hub.files("alice/x")
     assert json.loads(pushed["adapter_config.json"])["base_model_name_or_path"] == BASE_REPO
     assert ModelCard(pushed["README.md"].decode()).data.base_model == BASE_REPO
+
+
+def test_training_pushes_best_adapter_with_the_runs_metrics(
+    fake_hub, tiny_train_models, task_files, tmp_path
+):
+    from orthora.train import TrainConfig, run
+
+    train, dev = task_files("sst2", 32, 12)
+    config = TrainConfig(
+        task="glue",
+        task_name="sst2",
+        model_name_or_path=tiny_train_models["bert"],
+        train_file=train,
+        validation_file=dev,
+        adapter={"block_size": 16, "target_modules": ["query", "value"]},
+        per_device_train_batch_size=8,
+        num_train_epochs=2,
+        eval_before_training=True,
+        eval_steps=2,
+        checkpointing_steps=4,
+        report_to="none",
+        output_dir=str(tmp_path / "run"),
+        push_to_hub=True,
+        hub_model_id="alice/sst2-orthora",
+        hub_strategy="checkpoint",
+        hub_private_repo=True,
+        hub_revision="experiment",
+        hub_token=HUB_TOKEN,
+    )
+    results = run(config)
+
+    repo = fake_hub.repos["alice/sst2-orthora"]
+    assert repo.private and set(repo.branches) == {"main", "experiment"}
+    assert fake_hub.files("alice/sst2-orthora", "main") == {}  # everything went to the branch
+    messages = [repo.messages[sha] for sha in repo.commits]
+    assert "orthora adapter, step 4" in messages and "orthora adapter, step 8" in messages
+    files = fake_hub.files("alice/sst2-orthora", "experiment")
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(files)
+    best = Path(results["best_adapter_dir"])
+    assert files["adapter_model.safetensors"] == (best / "adapter_model.safetensors").read_bytes()
+
+    card = ModelCard(files["README.md"].decode())
+    best_entry = next(h for h in results["history"] if h["step"] == results["best"]["step"])
+    [accuracy] = [r for r in card.data.eval_results if r.metric_type == "accuracy"]
+    assert accuracy.metric_value == pytest.approx(best_entry["validation"]["accuracy"])
+    assert accuracy.dataset_split == "validation" and accuracy.task_type == "text-classification"
+    before = results["initial_metrics"]["validation"]["accuracy"]
+    assert (
+        f"| validation | accuracy | {best_entry['validation']['accuracy']:.4f} | {before:.4f} |" in card.text
+    )
+    card.validate()
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["hub_commit_url"].startswith(fake_hub.endpoint)
+    assert (
+        "hub_token" not in written["config"]
+        and HUB_TOKEN not in (tmp_path / "run" / "train_config.yaml").read_text()
+    )
+
+
+def test_training_refuses_a_bad_hub_token_before_loading_weights(
+    fake_hub, tiny_train_models, task_files, tmp_path
+):
+    from orthora.train import ConfigError, TrainConfig, run
+
+    train, dev = task_files("sst2", 8, 4)
+    config = TrainConfig(
+        task="glue",
+        task_name="sst2",
+        model_name_or_path=tiny_train_models["bert"],
+        train_file=train,
+        validation_file=dev,
+        output_dir=str(tmp_path / "run"),
+        push_to_hub=True,
+        hub_model_id="alice/x",
+        hub_token="hf_wrong",
+    )
+    with pytest.raises(ConfigError, match=r"push_to_hub: the Hub rejected the token \(401\)"):
+        run(config)
+    assert not (tmp_path / "run").exists()
+    config.hub_token = None
+    with pytest.raises(ConfigError, match="needs a Hub token"):
+        run(config)

@@ -20,6 +20,7 @@ import yaml
 
 TASKS = ("glue", "translation", "qa", "summarization")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+HUB_STRATEGIES = ("end", "checkpoint")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -153,8 +154,19 @@ class TrainConfig:
     logging_steps: int = _opt(10, "Log training loss and learning rate every N optimizer steps.")
     report_to: str = _opt("tensorboard", "accelerate tracker(s): tensorboard, wandb, all, or none.")
     save_merged_model: bool = _opt(False, "Also save the base model with the adapter merged in.")
-    push_to_hub: bool = _opt(False, "Push the final adapter to the Hub (needs hub_model_id and a login).")
-    hub_model_id: Optional[str] = _opt(None, "Hub repository for push_to_hub.")
+    push_to_hub: bool = _opt(
+        False,
+        "Push the best adapter and its model card to the Hub at the end (needs hub_model_id and a token).",
+    )
+    hub_model_id: Optional[str] = _opt(
+        None, "Hub repository for push_to_hub, e.g. your-name/bert-sst2-orthora."
+    )
+    hub_strategy: str = _opt("end", "end: push once at the end; checkpoint: also push at every checkpoint.")
+    hub_private_repo: bool = _opt(False, "Create the Hub repository as private.")
+    hub_revision: Optional[str] = _opt(None, "Branch to push to (created if missing; default main).")
+    hub_token: Optional[str] = _opt(
+        None, "Hub token (default: HF_TOKEN or `hf auth login`); never written to the outputs."
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -210,6 +222,10 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub needs hub_model_id (e.g. your-name/bert-sst2-orthora)")
+        if self.hub_strategy not in HUB_STRATEGIES:
+            raise ConfigError(
+                f"hub_strategy={self.hub_strategy!r}; choose one of {', '.join(HUB_STRATEGIES)}"
+            )
         if not isinstance(self.adapter, dict):
             raise ConfigError(
                 f"adapter must be a mapping of adapter-config arguments, got {type(self.adapter).__name__}"
@@ -243,7 +259,10 @@ class TrainConfig:
         return cls(**typed)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every value except the Hub token, which must not end up in train_config.yaml, results.json or logs."""
+        values = dataclasses.asdict(self)
+        values.pop("hub_token")
+        return values
 
 
 def _field_type(cls: type, name: str) -> Any:

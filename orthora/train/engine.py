@@ -257,6 +257,8 @@ class _Run:
         self.recipe.check_model_config(self.model_config)
         self.tokenizer = load_tokenizer(config)
         self.recipe.check_tokenizer(self.tokenizer)
+        if config.push_to_hub:
+            check_hub_access(config)
 
     def setup_accelerator(self) -> None:
         config = self.config
@@ -475,7 +477,48 @@ class _Run:
                 )
                 for _, old in complete[: -config.checkpoints_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
+            if config.push_to_hub and config.hub_strategy == "checkpoint":
+                self.push_best_adapter(self.partial_results())
         accelerator.wait_for_everyone()
+
+    def partial_results(self) -> dict[str, Any]:
+        """What a card can say about a run that is still going (the history and best step so far)."""
+        progress = self.progress
+        return {
+            "completed_steps": progress.completed_steps,
+            "history": progress.history,
+            "metrics": progress.history[-1] if progress.history else {},
+            "best": {"metric": self.metric_name, "value": progress.best_metric, "step": progress.best_step},
+            "train_examples": len(self.train_dataset),
+            "num_processes": self.accelerator.num_processes,
+            "config": self.config.to_dict(),
+        }
+
+    def push_best_adapter(self, results: dict[str, Any]) -> str:
+        """Push the best adapter so far (else the last saved one) with its card; main process only."""
+        from orthora.hub import HubError, push_adapter_folder
+
+        config = self.config
+        folder = self.output_dir / BEST_ADAPTER_DIR
+        if not folder.is_dir():
+            folder = self.output_dir / ADAPTER_DIR
+        if not folder.is_dir():
+            logger.info("push_to_hub: no adapter saved yet at step %d", self.progress.completed_steps)
+            return ""
+        try:
+            commit = push_adapter_folder(
+                folder,
+                config.hub_model_id,
+                token=config.hub_token,
+                private=config.hub_private_repo,
+                revision=config.hub_revision,
+                commit_message=f"orthora adapter, step {self.progress.completed_steps}",
+                results=results,
+            )
+        except HubError as err:
+            raise ConfigError(f"push to the Hub failed: {err}") from None
+        logger.info("pushed %s to %s", folder.name, commit.commit_url)
+        return commit.commit_url
 
     # --- the loop ----------------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -615,14 +658,23 @@ class _Run:
                 replace_dir_atomic(self.output_dir / MERGED_DIR, write)
                 results["merged_model_dir"] = str(self.output_dir / MERGED_DIR)
             accelerator.wait_for_everyone()
-        if config.push_to_hub and accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(self.model)
-            unwrapped.push_to_hub(config.hub_model_id)
-            self.tokenizer.push_to_hub(config.hub_model_id)
         if accelerator.is_main_process:
             write_json_atomic(self.output_dir / RESULTS_FILE, results)
+            if config.push_to_hub:  # after results.json, so a failed push loses nothing
+                results["hub_commit_url"] = self.push_best_adapter(results)
+                write_json_atomic(self.output_dir / RESULTS_FILE, results)
         accelerator.wait_for_everyone()
         accelerator.end_training()
+
+
+def check_hub_access(config: TrainConfig) -> None:
+    """A missing or rejected Hub token is a config error, found before any weight is loaded."""
+    from orthora.hub import HubError, check_push_access
+
+    try:
+        check_push_access(config.hub_model_id, config.hub_token)
+    except HubError as err:
+        raise ConfigError(f"push_to_hub: {err}") from None
 
 
 def _batch_size(batch: dict[str, torch.Tensor]) -> int:
