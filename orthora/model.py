@@ -216,6 +216,19 @@ class OrthoModel(BaseTuner):
             )
         return remapped
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "geodesic",
+    ) -> None:
+        """New adapter from ``adapters`` and ``weights`` on the rotation group: ``"geodesic"`` (exp of the weighted
+        sum of logs), ``"compose"`` (product in order) or ``"linear"`` (sum of parameters). See orthora.arithmetic."""
+        from .arithmetic import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type)
+
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
         if getattr(self.model, "quantization_method", None) == "gptq":
