@@ -171,7 +171,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for item in dataclasses.fields(self):  # the Python API gets the same coercion as YAML and the CLI
-            setattr(self, item.name, _coerce(item.name, getattr(self, item.name), hints[item.name]))
+            setattr(self, item.name, coerce(item.name, getattr(self, item.name), hints[item.name]))
         self.validate()
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -243,10 +243,8 @@ class TrainConfig:
         typed: dict[str, Any] = {}
         for key, value in values.items():
             if key not in fields:
-                hint = difflib.get_close_matches(key, fields, n=1)
-                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-                raise ConfigError(f"unknown config key {key!r}{suggestion}")
-            typed[key] = _coerce(key, value, _field_type(cls, key))
+                raise unknown_key_error(key)
+            typed[key] = coerce(key, value, _field_type(cls, key))
         task = typed.get("task", cls.task)
         if task not in TASKS:
             raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -265,11 +263,18 @@ class TrainConfig:
         return values
 
 
+def unknown_key_error(key: str) -> ConfigError:
+    """The error for a key TrainConfig does not have, with the closest real key as a suggestion."""
+    hint = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(TrainConfig)], n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return ConfigError(f"unknown config key {key!r}{suggestion}")
+
+
 def _field_type(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
+def coerce(key: str, value: Any, annotation: Any) -> Any:
     """Convert ``value`` (from YAML or the command line) to the field's type, or say which key is wrong."""
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
@@ -279,7 +284,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         errors = []
         for option in options:
             try:
-                return _coerce(key, value, option)
+                return coerce(key, value, option)
             except ConfigError as err:
                 errors.append(err)
         raise errors[0]

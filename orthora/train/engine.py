@@ -752,6 +752,35 @@ def run(config: TrainConfig) -> dict[str, Any]:
         _release_process_state(job.accelerator)
 
 
+def evaluate_adapter(
+    config: TrainConfig, adapter: str, *, revision: str | None = None, token: str | None = None
+) -> dict[str, dict[str, float]]:
+    """Evaluate a saved adapter (a folder or a Hub id) on ``config``'s evaluation data, without training.
+
+    ``config.adapter``/``config.method`` are ignored: the adapter's own saved config is used.
+    """
+    from orthora.hub import HubError, attach_adapter, download_adapter
+
+    job = _Run(config)
+    job.validate_inputs()
+    try:
+        folder = download_adapter(adapter, revision=revision, token=token)
+    except HubError as err:
+        raise ConfigError(str(err)) from None
+    job.accelerator = None
+    try:
+        job.setup_accelerator()
+        job.prepare_data()
+        try:  # trainable only so the shared loader/optimizer set-up has parameters; no step is taken
+            job.model = attach_adapter(job.recipe.load_model(job.model_config), folder, is_trainable=True)
+        except HubError as err:
+            raise ConfigError(str(err)) from None
+        job.build_loaders_and_optimizer()
+        return job.evaluate()
+    finally:
+        _release_process_state(job.accelerator)
+
+
 def _write_config_atomic(config: TrainConfig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
