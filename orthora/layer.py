@@ -257,15 +257,29 @@ class OrthoLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        names = [a for a in self.active_adapters if self._has_adapter(a)]
+        names = self._unmerged_active_adapters()
         if not names:
             return self.base_layer(x, *args, **kwargs)
         if not args and not kwargs and self._should_fold(x, names):
             return self._folded_forward(x, names[0])
         result = self.base_layer(self._apply_input(x, names), *args, **kwargs)
         return self._apply_output(result, names)
+
+    def _unmerged_active_adapters(self) -> list[str]:
+        """Active adapters still to apply on top of the (possibly merged) base weights, in composition order.
+
+        Merged adapters are already inside the weights, so they act first; that matches the unmerged result only if
+        they come first in the active order too. Rotations do not commute, so any other mix is refused.
+        """
+        names = [a for a in self.active_adapters if self._has_adapter(a)]
+        merged = [a for a in self.merged_adapters if a in names]
+        if names[: len(merged)] != merged:
+            raise ValueError(
+                f"the active adapters {names} are merged as {merged}: merged adapters must be the first active "
+                "adapters, in the same order, because rotations do not commute. Merge all active adapters "
+                "(merge_adapter()) or unmerge them (unmerge_adapter()) first."
+            )
+        return names[len(merged) :]
 
     def _should_fold(self, x: torch.Tensor, names: list[str]) -> bool:
         if self.fold_policy == "never" or len(names) != 1 or self.kind not in ("linear", "conv1d"):
@@ -392,14 +406,27 @@ class OrthoLayer(BaseTunerLayer):
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if not self._has_adapter(name):
-                continue
+            self._undo_last_merge()
+
+    def unmerge_one(self, name: str) -> None:
+        """Undo the merge of adapter ``name`` only; adapters merged after it are undone and merged again."""
+        if name not in self.merged_adapters:
+            return
+        later = self.merged_adapters[self.merged_adapters.index(name) + 1 :]
+        while self._undo_last_merge() != name:
+            pass
+        if later:
+            self.merge(adapter_names=later)
+
+    def _undo_last_merge(self) -> str:
+        name = self.merged_adapters.pop()
+        if self._has_adapter(name):
             out_inv, in_inv = (r.inverse_blocks() if r is not None else None for r in self._rotations(name))
             with torch.no_grad():
                 weight, bias = self._base_float32()
                 weight, bias = self._fold(weight, bias, out_inv, in_inv)
             self._write_base(weight, bias)
+        return name
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``W_merged - W`` for one adapter (for inspection; merging multiplies, it does not add)."""

@@ -22,20 +22,24 @@ def _adapter_names_pre_hook(module, args, kwargs, adapter_names):
     return args, kwargs
 
 
+def _orthora_layers(model: nn.Module):
+    return ((key, module) for key, module in model.named_modules() if isinstance(module, OrthoLayer))
+
+
 def discard_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove every trace of ``adapter_name`` from ``model``; layers left without adapters get their base back.
 
-    Used to roll back a failed injection or load, so a failure leaves the model as it was.
+    Used to roll back a failed injection or load, so a failure leaves the model as it was. A merged adapter is
+    unmerged first, so its rotation does not stay behind in the base weights.
     """
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, OrthoLayer):
                 continue
+            child.unmerge_one(adapter_name)
             for table in (child.ortho_out, child.ortho_in):
                 if adapter_name in table:
                     del table[adapter_name]
-            if adapter_name in child.merged_adapters:
-                child.merged_adapters.remove(adapter_name)
             if not child.ortho_out and not child.ortho_in and not child.merged:
                 setattr(parent, child_name, child.get_base_layer())
             elif adapter_name in child.active_adapters:
@@ -108,6 +112,12 @@ class OrthoModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        existing = next((key for key, m in _orthora_layers(model) if m._has_adapter(adapter_name)), None)
+        if existing is not None:
+            raise ValueError(
+                f"orthora adapter {adapter_name!r} already exists in {existing}; delete it first "
+                "(delete_adapter) or choose another adapter_name"
+            )
         if state_dict is None:
             self._check_targets(model, self.peft_config[adapter_name])
         try:
@@ -198,6 +208,13 @@ class OrthoModel(BaseTuner):
             raise ValueError(
                 f"adapter format version {config.format_version} is newer than this orthora supports "
                 f"({FORMAT_VERSION}); upgrade orthora"
+            )
+        merged_in = [key for key, m in _orthora_layers(model) if adapter_name in m.merged_adapters]
+        if merged_in:
+            raise ValueError(
+                f"orthora adapter {adapter_name!r} is merged (in {merged_in[0]} and {len(merged_in) - 1} more); "
+                "loading new weights into it would make its unmerge undo the wrong rotation. Call "
+                "unmerge_adapter() first."
             )
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         expected = model.state_dict()
