@@ -280,7 +280,12 @@ def _expanded(blocks: torch.Tensor, num_blocks: int, keep_shared: bool) -> torch
 
 
 def _combined_parameters(
-    rotations_in: list[BlockRotation], weights: list[float], kind: str, side: str, config: OrthoConfig
+    rotations_in: list[BlockRotation],
+    weights: list[float],
+    kind: str,
+    side: str,
+    config: OrthoConfig,
+    where: str = "",
 ) -> torch.Tensor:
     """The new adapter's free parameters for one layer side (float64)."""
     if kind == "linear":
@@ -296,7 +301,17 @@ def _combined_parameters(
         return torch.cat(ordered, dim=1)
     blocks = [_expanded(exact_blocks(r), num_blocks, shared) for r in rotations_in]
     combined = combine_blocks(blocks, weights, kind, side)
-    return generator_parameters(log_rotation(combined))
+    parameters = generator_parameters(log_rotation(combined))
+    stored = rotations.orthogonal_blocks(
+        parameters, config.parametrization, combined.shape[-1], compute_dtype=torch.float64
+    )
+    error = float((stored - combined).abs().max())
+    if error > 1e-6:  # e.g. a generator beyond the map's safe radius, which the map would scale down
+        raise ValueError(
+            f"{where}: the combined rotation cannot be stored as a parametrization={config.parametrization!r} adapter (it would differ by "
+            f"{error:.1e}); combine with smaller weights"
+        )
+    return parameters
 
 
 def add_weighted_adapter(
@@ -323,7 +338,7 @@ def add_weighted_adapter(
             if adapters[0] in table:
                 inputs = [table[a] for a in adapters]
                 new_parameters[(name, side)] = _combined_parameters(
-                    inputs, weights, combination_type, side, new_config
+                    inputs, weights, combination_type, side, new_config, f"{name} ({side} side)"
                 )
 
     from .model import discard_adapter

@@ -256,3 +256,19 @@ def test_odd_householder_reflections_cannot_be_interpolated():
         ["a", "a"], [1, 1], "square", combination_type="compose"
     )  # exact product: fine
     _assert_blocks_close(_blocks(model, "square"), [torch.eye(16, dtype=torch.float64)[None]] * 4)
+
+
+def test_a_result_the_exp_map_would_scale_down_is_refused():
+    """32 random reflections give large angles in a random basis: log R exceeds the exp map's safe radius."""
+    torch.manual_seed(0)
+    config = orthora.OrthoConfig(
+        target_modules=["query"],
+        block_size=32,
+        parametrization="householder",
+        num_reflections=32,
+        init_weights=False,
+    )
+    model = get_peft_model(tiny_bert(), config, adapter_name="a")
+    with pytest.raises(ValueError, match=r"layer.0.attention.self.query \(output side\).*cannot be stored"):
+        model.add_weighted_adapter(["a"], [1.0], "copy", combination_type="geodesic")
+    assert "copy" not in model.peft_config
