@@ -25,15 +25,16 @@ def test_architecture_forward_backward_merge(name, side, fold, monkeypatch):
     model.train()
     out = model(**batch)
     out.loss.backward()
-    rots = [m for m in model.modules() if isinstance(m, BlockRotation)]
-    assert rots and all(r.weight.grad is not None for r in rots)
-    assert any(r.weight.grad.abs().sum() > 0 for r in rots)
+    rots = {n: m for n, m in model.named_modules() if isinstance(m, BlockRotation)}
+    assert rots and all(r.weight.grad is not None for r in rots.values())
+    no_gradient = [n for n, r in rots.items() if not r.weight.grad.abs().sum() > 0]
+    assert not no_gradient, f"targeted modules without a gradient: {no_gradient}"
     frozen = [n for n, p in model.named_parameters() if "ortho_" not in n and p.grad is not None
               and "modules_to_save" not in n]
     assert not frozen, frozen[:3]
 
     with torch.no_grad():
-        for r in rots:
+        for r in rots.values():
             r.weight.add_(0.05 * torch.randn_like(r.weight))
     model.eval()
     adapted = model_output(model, batch).detach()
@@ -47,12 +48,33 @@ def test_default_targets_cover_the_listed_architectures():
         assert any(isinstance(m, OrthoLayer) for m in model.modules()), name
 
 
-def test_generate_with_mixed_adapters_and_beams():
-    build, task_type, targets, _ = ARCHITECTURES["bart"]
+@pytest.mark.parametrize("name", ["bart", "gpt2"])
+def test_generate_with_mixed_adapters_and_beams(name):
+    """Each row of a mixed-adapter beam search equals generating that row alone with its own adapter."""
+    build, task_type, targets, kind = ARCHITECTURES[name]
+    targets = [*targets, "lm_head"]  # a tiny random model generates one token whatever its attention does
     torch.manual_seed(0)
     model = get_peft_model(build(), OrthoConfig(task_type=task_type, target_modules=targets, block_size=16))
     model.add_adapter("other", OrthoConfig(task_type=task_type, target_modules=targets, block_size=8))
+    with torch.no_grad():  # non-identity adapters, as after training, so each adapter changes the generation
+        for r in (m for m in model.modules() if isinstance(m, BlockRotation)):
+            r.weight.add_(0.5 * torch.randn_like(r.weight))
     model.eval()
-    ids = batch_for("s2s", batch=2)["input_ids"]
-    out = model.generate(input_ids=ids, adapter_names=["default", "other"], num_beams=2, max_new_tokens=4)
-    assert out.shape[0] == 2
+    ids = batch_for(kind, batch=3, length=6, seed=1)["input_ids"]
+    names = ["default", "other", "__base__"]
+    settings = {"num_beams": 3, "max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    mixed = model.generate(input_ids=ids, adapter_names=names, **settings)
+    alone = {}
+    for adapter in ("default", "other", "__base__"):
+        for row in range(3):
+            if adapter == "__base__":
+                with model.disable_adapter():
+                    alone[adapter, row] = model.generate(input_ids=ids[row : row + 1], **settings)[0]
+            else:
+                model.set_adapter(adapter)
+                alone[adapter, row] = model.generate(input_ids=ids[row : row + 1], **settings)[0]
+    for row, adapter in enumerate(names):
+        assert torch.equal(mixed[row], alone[adapter, row]), (row, adapter)
+    # the adapters really differ, so a mix-up of rows and adapters would be caught
+    assert any(not torch.equal(alone["default", r], alone["other", r]) for r in range(3))
+    assert any(not torch.equal(alone["default", r], alone["__base__", r]) for r in range(3))
