@@ -157,3 +157,52 @@ def test_representation_shift_sees_a_rotated_model_move():
 def test_unknown_adapter_is_named():
     with pytest.raises(ValueError, match="'missing'.*default"):
         diagnostics.layer_report(_orthora(), adapter_name="missing")
+
+
+@pytest.mark.parametrize(
+    ("method", "adapter", "logged"),
+    [
+        ("orthora", {"block_size": 16, "target_modules": ["query", "value"]}, True),
+        ("lora", {"r": 4, "target_modules": ["query", "value"]}, True),
+        (
+            "hra",
+            {"r": 2, "target_modules": ["query", "value"]},
+            False,
+        ),  # no report for HRA: a note, no values
+    ],
+)
+def test_training_engine_logs_the_summary_at_each_evaluation(
+    method, adapter, logged, tiny_train_models, task_files, tmp_path, capsys
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from orthora.train import TrainConfig, run
+
+    train, dev = task_files("sst2", 16, 8)
+    config = TrainConfig(
+        task="glue",
+        task_name="sst2",
+        model_name_or_path=tiny_train_models["bert"],
+        method=method,
+        adapter=adapter,
+        train_file=train,
+        validation_file=dev,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=8,
+        max_train_steps=4,
+        eval_steps=2,
+        learning_rate=5e-3,
+        checkpointing_steps=None,
+        report_to="tensorboard",
+    )
+    run(config)
+    events = EventAccumulator(str(next((tmp_path / "run" / "logs").rglob("events.out.tfevents.*")))).Reload()
+    tags = events.Tags()["scalars"]
+    if not logged:
+        assert not any(tag.startswith("diagnostics/") for tag in tags)
+        assert "diagnostics are not logged: " in capsys.readouterr().out
+        return
+    changes = events.Scalars("diagnostics/relative_weight_change")
+    assert [e.step for e in changes] == [2, 4] and changes[-1].value > 0
+    assert "diagnostics/hyperspherical_energy_base" in tags
+    assert ("diagnostics/max_angle" in tags) == (method == "orthora")  # LoRA has no rotation angle

@@ -431,6 +431,9 @@ class _Run:
             {f"eval/{split}/{k}": v for split, m in metrics.items() for k, v in m.items()}, step=step
         )
         accelerator.print(f"step {step}: " + "; ".join(f"{s}: {_fmt(m)}" for s, m in metrics.items()))
+        summary = self.diagnostics_summary()
+        if summary:
+            accelerator.log({f"diagnostics/{k}": v for k, v in summary.items()}, step=step)
         value = metrics[self.eval_sets[0].name].get(self.metric_name)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return
@@ -440,6 +443,34 @@ class _Run:
         if improved:
             progress.best_metric, progress.best_step = float(value), step
             self.save_adapter(self.output_dir / BEST_ADAPTER_DIR)
+
+    def diagnostics_summary(self) -> dict[str, float]:
+        """orthora.diagnostics' whole-model numbers (angles, weight change, hyperspherical energy) for the trackers.
+
+        Main process only; layers wider than 1024 neurons get a sampled energy. Empty, with a note printed once, where
+        they cannot be computed (sharded parameters, a PEFT method without a report).
+        """
+        from .. import diagnostics
+
+        accelerator = self.accelerator
+        if not accelerator.is_main_process or getattr(self, "_diagnostics_unavailable", False):
+            return {}
+        reason = None
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            reason = "parameters are sharded under FSDP/DeepSpeed"
+        else:
+            try:
+                rows = diagnostics.layer_report(accelerator.unwrap_model(self.model), max_neurons=1024)
+            except TypeError as err:
+                reason = str(err)
+        if reason is not None:
+            self._diagnostics_unavailable = True
+            accelerator.print(f"diagnostics are not logged: {reason}")
+            return {}
+        summary = diagnostics.model_summary(rows)
+        return {
+            k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
 
     # --- saving ----------------------------------------------------------------------------------------------------
     def save_adapter(self, directory: Path) -> None:
