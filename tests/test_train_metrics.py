@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import datasets
 import numpy as np
@@ -105,6 +106,52 @@ def test_generation_metrics():
     assert rouge == pytest.approx({"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0, "rougeLsum": 100.0})
     partial = rouge_metrics(["anna lives in rome"], ["anna lives in paris"])
     assert partial["rouge1"] == pytest.approx(75.0) and partial["rouge2"] == pytest.approx(100 * 2 / 3)
+
+
+def _ngrams(sequence, n: int) -> Counter:
+    return Counter(tuple(sequence[i : i + n]) for i in range(len(sequence) - n + 1))
+
+
+def _corpus_bleu_by_definition(hypotheses: list[str], references: list[str]) -> float:
+    """Papineni et al.: clipped n-gram precisions (n <= 4) summed over the corpus, geometric mean, brevity penalty."""
+    matches, totals, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        hyp, ref = hyp.split(), ref.split()
+        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
+        for n in range(1, 5):
+            ref_counts = _ngrams(ref, n)
+            matches[n - 1] += sum(min(c, ref_counts[g]) for g, c in _ngrams(hyp, n).items())
+            totals[n - 1] += max(len(hyp) - n + 1, 0)
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return 100 * brevity * math.exp(sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / 4)
+
+
+def _corpus_chrf_by_definition(hypotheses: list[str], references: list[str], order: int = 6, beta: int = 2) -> float:
+    """Popovic: character n-gram (n <= 6, spaces removed) precision and recall averaged over n, then F-beta."""
+    stats = [[0, 0, 0] for _ in range(order)]  # hypothesis n-grams, reference n-grams, matches
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        hyp, ref = hyp.replace(" ", ""), ref.replace(" ", "")
+        for n in range(1, order + 1):
+            hyp_counts, ref_counts = _ngrams(hyp, n), _ngrams(ref, n)
+            stats[n - 1][0] += sum(hyp_counts.values())
+            stats[n - 1][1] += sum(ref_counts.values())
+            stats[n - 1][2] += sum(min(c, ref_counts[g]) for g, c in hyp_counts.items())
+    precision = sum(m / h for h, _, m in stats) / order
+    recall = sum(m / r for _, r, m in stats) / order
+    return 100 * (1 + beta**2) * precision * recall / (beta**2 * precision + recall)
+
+
+def test_bleu_and_chrf_match_their_definitions_on_a_nontrivial_corpus():
+    """Partial matches of different lengths: a swapped hypothesis/reference or a per-sentence mean would differ."""
+    hypotheses = ["the quick brown fox jumps over the dog", "a cat sat on the red mat today"]
+    references = ["the quick brown fox jumped over the lazy dog", "the cat sat on the mat"]
+    scores = translation_metrics(hypotheses, references)
+    assert scores["bleu"] == pytest.approx(_corpus_bleu_by_definition(hypotheses, references), abs=1e-6)
+    assert scores["chrf"] == pytest.approx(_corpus_chrf_by_definition(hypotheses, references), abs=1e-6)
+    assert scores["bleu"] == pytest.approx(39.7635, abs=1e-4)  # sacreBLEU 2.x corpus_bleu on the same pair
+    assert scores["chrf"] == pytest.approx(67.9888, abs=1e-4)  # sacreBLEU 2.x corpus_chrf on the same pair
+    swapped = translation_metrics(references, hypotheses)
+    assert abs(swapped["bleu"] - scores["bleu"]) > 0.5 and abs(swapped["chrf"] - scores["chrf"]) > 0.5
 
 
 def test_concat_padded_pads_ragged_batches():
