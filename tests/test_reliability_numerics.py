@@ -55,3 +55,36 @@ def test_neumann_map_is_bounded_and_its_error_stays_within_the_documented_bound(
     assert rotations.orthogonality_error(blocks) <= neumann_orthogonality_bound(terms) + 1e-6
     blocks.square().sum().backward()
     assert torch.isfinite(params.grad).all()
+
+
+@pytest.mark.parametrize("terms", [1, 2, 5, 8])
+def test_neumann_map_is_the_cayley_rotation_minus_exactly_its_truncation_term(terms):
+    """``R_n = (I - (-A)^n) R`` holds to float64 rounding, so a missing or extra series term fails by ~||A||^(n-1)."""
+    g = torch.Generator().manual_seed(0)
+    params = 0.02 * torch.randn(4, 16 * 15 // 2, generator=g, dtype=torch.float64)
+    generator = rotations.skew_symmetric(params, 16)
+    assert (
+        rotations.generator_norm_bound(generator).max() < NEUMANN_MAX_NORM
+    )  # the radius limit is not involved
+    exact = rotations.cayley(generator)
+    approx = rotations.orthogonal_blocks(
+        params, "cayley_neumann", 16, neumann_terms=terms, compute_dtype=torch.float64
+    )
+    truncation = torch.linalg.matrix_power(-generator, terms) @ exact
+    assert truncation.abs().max() > 1e-9  # the term is large enough to see
+    torch.testing.assert_close(approx, exact - truncation, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("parametrization", ["cayley", "cayley_neumann", "exp"])
+def test_gradcheck_beyond_the_safe_radius(parametrization):
+    """Where the radius limit is active the map is still differentiable, with the true gradient."""
+    g = torch.Generator().manual_seed(0)
+    params = (30.0 * torch.randn(2, 6, generator=g, dtype=torch.float64)).requires_grad_()
+    radius = PARAMETRIZATIONS[parametrization].safe_radius
+    assert rotations.generator_norm_bound(rotations.skew_symmetric(params, 4)).min() > radius
+    assert torch.autograd.gradcheck(
+        lambda p: rotations.orthogonal_blocks(
+            p, parametrization, 4, neumann_terms=3, compute_dtype=torch.float64
+        ),
+        (params,),
+    )
