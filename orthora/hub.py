@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx2 as _httpx
 from huggingface_hub import (
     CommitInfo,
     EvalResult,
@@ -43,6 +42,11 @@ from peft import PeftConfig
 from safetensors import safe_open
 
 from ._peft_compat import ORTHORA_PEFT_TYPE
+
+try:  # the HTTP client under huggingface_hub: httpx2 from 2.x, httpx in 1.x
+    from httpx2 import HTTPError as _TransportError
+except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+    from httpx import HTTPError as _TransportError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -114,7 +118,7 @@ def hub_errors(repo_id: str, revision: str | None = None, action: str = "reach")
         if status == 403:
             raise HubError(f"the token may not write to Hub repo {repo_id!r} (403 Forbidden)") from None
         raise HubError(f"cannot {action} {where}: {_first_line(err)}") from None
-    except (_httpx.HTTPError, ConnectionError, TimeoutError) as err:
+    except (_TransportError, ConnectionError, TimeoutError) as err:
         raise HubError(f"network failure while trying to {action} {where}: {_first_line(err)}") from None
 
 
