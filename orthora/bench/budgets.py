@@ -43,7 +43,13 @@ METHOD_SETS = {
     "smoke": ["lora", "orthora-cayley-output", "oft-cayley"],
     "peers": ["lora", "orthora-cayley-output", "orthora-householder-output", "hra", "boft"],
     "pair": ["lora", "orthora-cayley-output"],
-    "llm": ["lora", *(f"orthora-{p}-{side}" for p in EXACT for side in ("output", "input")), "oft-cayley"],
+    "sides": ["lora", "orthora-cayley-output", "orthora-cayley-input", "orthora-cayley-both"],
+    "llm": [
+        "lora",
+        *(f"orthora-{p}-{side}" for p in EXACT for side in ("output", "input")),
+        "oft-cayley_neumann",
+        "oft-cayley",
+    ],
 }
 
 Widths = list[tuple[int, int]]

@@ -5,6 +5,7 @@ Profiles (``--profile``):
 * ``cpu-small``  a few minutes: MiniLM-L6, batch 4 x 128, a few methods, 7 rounds.
 * ``cpu``        the full CPU cost table: all-MiniLM-L6-v2, batch 16 x 128, every method.
 * ``gpu``        a ~1.1B-parameter Llama-style decoder (random weights), bf16, batch 8 x 1024 on one CUDA device.
+* ``llm-cpu``    the same decoder shape on CPU: bf16 autocast, batch 1 x 2048, gradient checkpointing on and off.
 * ``scaling``    orthora vs LoRA step time / memory against width, block size and sequence length.
 * ``quality``    GLUE + SQuAD fine-tuning through ``orthora.train``.
 * ``micro``      isolated fwd+bwd timings of the rotation against a LoRA pair.
@@ -21,9 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import cost, quality, scaling
+from .budgets import METHOD_SETS
 from .report import RESULTS_DIR, render_cost, slim, write_outputs
 
-PROFILES = (*cost.COST_PROFILES, "scaling", "quality", "micro")
+PROFILES = (*cost.COST_PROFILES, "scaling", "quality", "micro")  # llm-cpu is a cost profile with two variants
 
 
 def build_parser(prog: str = "python -m orthora.bench") -> argparse.ArgumentParser:
@@ -34,13 +36,28 @@ def build_parser(prog: str = "python -m orthora.bench") -> argparse.ArgumentPars
         "--dry-run", action="store_true", help="tiny model on CPU, same code path (smoke test)"
     )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: per profile)")
-    parser.add_argument("--methods", default=None, help="method set: all, small, targets, peers, smoke, pair")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="method set: all, " + ", ".join(METHOD_SETS) + " (default: per profile)",
+    )
     parser.add_argument(
         "--paired",
         action="store_true",
         help="run a LoRA step next to every other method's step (A B A C ...); ratios from those pairs",
     )
     parser.add_argument("--no-profiler", action="store_true", help="skip the torch.profiler breakdown")
+    parser.add_argument(
+        "--profiler",
+        action="store_true",
+        help="llm-cpu: add the torch.profiler breakdown (off by default there)",
+    )
+    parser.add_argument(
+        "--checkpointing",
+        choices=("both", "on", "off"),
+        default="both",
+        help="llm-cpu: gradient checkpointing on, off, or both variants (default)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -55,9 +72,26 @@ def build_parser(prog: str = "python -m orthora.bench") -> argparse.ArgumentPars
 
 def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]:
     """Run the chosen profile: (report, markdown, file tag)."""
-    gpu_run = args.profile == "gpu" and not args.dry_run
-    threads = (None if gpu_run else 1) if args.threads is None else (args.threads or None)
+    all_cores = args.profile in ("gpu", "llm-cpu") and not args.dry_run  # one 1B model step at a time
+    threads = (None if all_cores else 1) if args.threads is None else (args.threads or None)
     dry = "-dryrun" if args.dry_run else ""
+    if args.profile == "llm-cpu":
+        variants = (
+            tuple(cost.CHECKPOINTING_VARIANTS)
+            if args.checkpointing == "both"
+            else (f"checkpointing-{args.checkpointing}",)
+        )
+        report = cost.run_llm_cpu(
+            dry_run=args.dry_run,
+            rounds=args.rounds,
+            methods=args.methods,
+            profile_ops=args.profiler,
+            threads=threads,
+            paired=args.paired,
+            variants=variants,
+        )
+        report["command"] = command
+        return report, cost.llm_cpu_markdown(report, command), "llm-cpu" + dry
     if args.profile in cost.COST_PROFILES:
         report = cost.run_cost(
             args.profile,
@@ -74,7 +108,9 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
         import torch
 
         torch.set_num_threads(threads or torch.get_num_threads())
-        report = cost.run_micro()
+        report = cost.run_micro(
+            **({"tokens": 32, "reps": 2, "widths": (64,), "block": 8} if args.dry_run else {})
+        )
         report["command"] = command
         return report, cost.micro_markdown(report, command), "micro"
     if args.profile == "scaling":

@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict
 from typing import Any, Optional
 
-from .budgets import MethodSpec, matched_methods, targeted_widths
-from .models import LLAMA_TINY, ModelSpec, build_model, target_modules
+from .budgets import METHOD_SETS, MethodSpec, matched_methods, targeted_widths
+from .models import LLAMA_1B, LLAMA_TINY, ModelSpec, build_model, target_modules
 from .report import machine_info
 from .workers import Worker, WorkerProcess
 
@@ -196,7 +196,24 @@ COST_PROFILES = {
         inference_reps=5,
         block=32,
     ),
+    # TinyLlama-1.1B shape (random weights: cost does not depend on the values), bf16 weights under bf16 autocast
+    # on CPU, one 2048-token sequence; `run_llm_cpu` runs it with gradient checkpointing on and off
+    "llm-cpu": dict(
+        model=ModelSpec("llama", batch=1, seq=2048, dtype="bfloat16", autocast="bfloat16"),
+        methods="llm",
+        dry_methods="llm",
+        dry_batch=(1, 64),
+        rounds=3,
+        steps=1,
+        warmup=1,
+        inference_reps=3,
+        block=32,
+        targets={"step": 0.9, "memory": 1.0, "merged_latency": 1.02},  # issue 10's bar
+    ),
 }
+
+#: llm-cpu variants: gradient checkpointing on (how LLMs are fine-tuned) and off
+CHECKPOINTING_VARIANTS = {"checkpointing-on": True, "checkpointing-off": False}
 
 
 def run_cost(
@@ -209,20 +226,23 @@ def run_cost(
     in_process: bool = False,
     threads: Optional[int] = None,
     paired: bool = False,
+    model_overrides: Optional[dict] = None,
     log=print,
 ) -> dict:
-    """A cost profile end to end: build the method list at matched budgets, run interleaved, summarise."""
+    """A cost profile end to end: build the method list at matched budgets, run interleaved, summarise.
+
+    ``model_overrides`` replaces fields of the profile's `ModelSpec` (the llm-cpu variants and layer count)."""
     cfg = dict(COST_PROFILES[profile])
-    model_spec = ModelSpec(**asdict(cfg["model"]))
+    model_spec = ModelSpec(**{**asdict(cfg["model"]), **(model_overrides or {})})
     which = methods or cfg["methods"]
     if dry_run:  # same code path, tiny sizes, CPU
         if model_spec.kind == "llama":
             model_spec.llama = dict(LLAMA_TINY)
             model_spec.device = "cpu"
-            model_spec.batch, model_spec.seq = 2, 32
+            model_spec.batch, model_spec.seq = cfg.get("dry_batch", (2, 32))
         else:
             model_spec.kind, model_spec.batch, model_spec.seq = "bert-tiny", 2, 32
-        which = methods or "smoke"
+        which = methods or cfg.get("dry_methods", "smoke")
         cfg.update(rounds=1, warmup=1, inference_reps=1)
     if rounds is not None:
         cfg["rounds"] = rounds
@@ -274,7 +294,9 @@ def run_cost(
     }
 
 
-def run_micro(*, tokens: int = 2048, reps: int = 15, log=print) -> dict:
+def run_micro(
+    *, tokens: int = 2048, reps: int = 15, widths: tuple[int, ...] = (384, 1536), block: int = 32, log=print
+) -> dict:
     """Isolated, interleaved fwd+bwd timings: orthora's activation-rotation path vs a LoRA pair (1 thread, CPU)."""
     import torch
 
@@ -294,8 +316,8 @@ def run_micro(*, tokens: int = 2048, reps: int = 15, log=print) -> dict:
                 ts[n].append(time.perf_counter() - t0)
         return {n: {"min_ms": min(v) * 1e3, "median_ms": statistics.median(v) * 1e3} for n, v in ts.items()}
 
-    for d in (384, 1536):
-        b, k = 32, d // 32
+    for d in widths:
+        b, k = block, d // block
         p = (0.01 * torch.randn(k, b * (b - 1) // 2)).requires_grad_()
         x0 = torch.randn(tokens, d)
         a_w = torch.randn(8, d, requires_grad=True)
@@ -335,3 +357,106 @@ def micro_markdown(report: dict, command: str) -> str:
         )
         lines.append(f"| {r['case']} | {cells} |")
     return "\n".join(lines)
+
+
+def llm_layer_count(
+    model: ModelSpec, workers: int, available_bytes: int, max_layers: int = LLAMA_1B["num_hidden_layers"]
+) -> int:
+    """The most decoder layers (up to ``max_layers``) whose estimated memory fits ``workers`` live workers.
+
+    Per worker: the weights twice (the trained model and the fresh base that merged inference is timed against),
+    fp32 logits with their gradient, and per layer its activations (one hidden state per layer with gradient
+    checkpointing; about 12 hidden-width and 4 intermediate-width tensors per layer without). 80% of the
+    available memory is used."""
+    import torch
+
+    config = {**LLAMA_1B, **model.llama}
+    per_param = torch.empty(0, dtype=getattr(torch, model.dtype)).element_size()
+    counts = []
+    for layers in (1, 2):
+        probe = build_model(
+            ModelSpec(**{**asdict(model), "device": "meta", "llama": {**config, "num_hidden_layers": layers}})
+        )
+        counts.append(sum(p.numel() for p in probe.parameters()))
+    per_layer_params, fixed_params = counts[1] - counts[0], 2 * counts[0] - counts[1]
+    tokens, hidden, inter = model.batch * model.seq, config["hidden_size"], config["intermediate_size"]
+    act_width = hidden if model.gradient_checkpointing else 12 * hidden + 4 * inter
+    per_layer = 2 * per_layer_params * per_param + tokens * act_width * per_param
+    fixed = 2 * fixed_params * per_param + 3 * tokens * config["vocab_size"] * 4
+    budget = 0.8 * available_bytes / max(1, workers) - fixed
+    return max(1, min(max_layers, int(budget // per_layer)))
+
+
+def run_llm_cpu(
+    *,
+    dry_run: bool = False,
+    rounds: Optional[int] = None,
+    methods: Optional[str] = None,
+    profile_ops: bool = False,
+    in_process: bool = False,
+    threads: Optional[int] = None,
+    paired: bool = False,
+    variants: tuple[str, ...] = tuple(CHECKPOINTING_VARIANTS),
+    available_bytes: Optional[int] = None,
+    log=print,
+) -> dict:
+    """``--profile llm-cpu``: the Llama-style decoder with gradient checkpointing on and off, one cost report each.
+
+    The layer count is the TinyLlama 22 unless the live workers would not fit in memory (`llm_layer_count`); the
+    report says how many were used and why."""
+    import psutil
+
+    if available_bytes is None:
+        available_bytes = psutil.virtual_memory().available
+    cfg = COST_PROFILES["llm-cpu"]
+    which = methods or cfg["methods"]
+    n_workers = 1 if in_process else len(METHOD_SETS.get(which, METHOD_SETS["llm"]))
+    out: dict[str, Any] = {"profile": "llm-cpu", "dry_run": dry_run, "variants": {}}
+    for name in variants:
+        model = ModelSpec(**{**asdict(cfg["model"]), "gradient_checkpointing": CHECKPOINTING_VARIANTS[name]})
+        layers = (
+            LLAMA_TINY["num_hidden_layers"] if dry_run else llm_layer_count(model, n_workers, available_bytes)
+        )
+        overrides = {
+            "gradient_checkpointing": model.gradient_checkpointing,
+            "llama": {"num_hidden_layers": layers},
+        }
+        report = run_cost(
+            "llm-cpu",
+            dry_run=dry_run,
+            rounds=rounds,
+            methods=which,
+            profile_ops=profile_ops,
+            in_process=in_process,
+            threads=threads,
+            paired=paired,
+            model_overrides=overrides,
+            log=log,
+        )
+        full = LLAMA_TINY["num_hidden_layers"] if dry_run else LLAMA_1B["num_hidden_layers"]
+        report["layers"] = {
+            "used": report["model"]["llama"].get("num_hidden_layers", full),
+            "full": full,
+            "workers": n_workers,
+            "available_gb": available_bytes / 2**30,
+        }
+        out["variants"][name] = report
+    first = next(iter(out["variants"].values()))
+    out.update(machine=first["machine"], model=first["model"])
+    return out
+
+
+def llm_cpu_markdown(report: dict, command: str) -> str:
+    """One cost table per checkpointing variant, each saying how many decoder layers were built and why."""
+    from .report import render_cost
+
+    parts = []
+    for name, variant in report["variants"].items():
+        layers = variant["layers"]
+        note = f"{layers['used']} of {layers['full']} decoder layers" + (
+            ""
+            if layers["used"] == layers["full"]
+            else f" (fewer: {layers['workers']} live workers in {layers['available_gb']:.0f} GiB available)"
+        )
+        parts += [render_cost(variant, command).replace("\n", f" — {name}, {note}\n", 1), ""]
+    return "\n".join(parts).rstrip()
