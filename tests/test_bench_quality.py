@@ -1,76 +1,241 @@
-"""The quality sweep's bookkeeping (orthora.bench.quality): best-LR selection, GLUE means, paired train times."""
+"""The quality sweep (orthora.bench.quality): LR-grid search, seeds, sanity floor, paired comparison, forgetting."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+from conftest import synthetic_rows, write_jsonl
 
 from orthora.bench import quality
+from orthora.bench.budgets import MethodSpec
 
 
-def test_quality_summary_picks_best_lr_and_keeps_target_configs_apart():
-    """Best LR by seed mean per (method, task); the GLUE mean and its per-seed spread; -qv rows stay separate."""
+def record(method, task, lr, seed, score, target_set="encoder", forgetting=10.0):
+    metric = quality.TASK_METRICS[task]
+    return {
+        "target_set": target_set,
+        "task": task,
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "score": score,
+        "metrics": {k: score for k in metric} if score is not None else {},
+        "forgetting": forgetting,
+        "trainable_params": 100,
+        "train_time_s": 10.0,
+    }
 
-    def run(method, task, lr, seed, score):
-        metric = {"sst2": "accuracy", "rte": "accuracy"}[task]
-        return {
-            "method": method,
-            "task": task,
-            "lr": lr,
-            "seed": seed,
-            "score": score,
-            "metrics": {metric: score},
-            "trainable_params": 10,
-        }
 
-    runs = [
-        run("orthora", "sst2", 1e-3, 0, 0.80),
-        run("orthora", "sst2", 1e-3, 1, 0.70),
-        run("orthora", "sst2", 3e-3, 0, 0.74),
-        run("orthora", "sst2", 3e-3, 1, 0.74),
-        run("orthora", "rte", 1e-3, 0, 0.50),
-        run("orthora", "rte", 1e-3, 1, 0.60),
-        run("orthora-qv", "sst2", 1e-3, 0, 0.90),
-        run("orthora-qv", "rte", 1e-3, 0, 0.40),
+def test_method_names_with_variants_split_and_parse():
+    assert quality._split("lora,orthora[side=both,block_size=16], oft") == [
+        "lora",
+        "orthora[side=both,block_size=16]",
+        "oft",
     ]
-    summary = quality.summarize_quality(runs, ["sst2", "rte"], ["orthora", "orthora-qv"])
-    sst2 = summary["orthora"]["tasks"]["sst2"]
-    assert (
-        sst2["lr"] == 1e-3
-        and sst2["score"] == pytest.approx(0.75)
-        and (sst2["min"], sst2["max"]) == (0.70, 0.80)
+    assert quality.parse_method_name("orthora[side=both,block_size=16,magnitude=true]") == (
+        "orthora",
+        {"side": "both", "block_size": 16, "magnitude": True},
     )
-    assert summary["orthora"]["glue_mean"] == pytest.approx((0.75 + 0.55) / 2)
-    assert sorted(summary["orthora"]["glue_mean_per_seed"]) == pytest.approx([0.65, 0.65])
-    assert summary["orthora-qv"]["glue_mean"] == pytest.approx(0.65)
-    table = quality.quality_table({"tasks": ["sst2", "rte"], "summary": summary})
-    assert "| orthora | 10 | 0.750 (lr 0.001, ±0.050)" in table and "| orthora-qv |" in table
+    with pytest.raises(ValueError, match="key=value"):
+        quality.parse_method_name("orthora[side]")
+    with pytest.raises(ValueError, match="unknown quality method 'nope'"):
+        quality.resolve_method("nope", quality.TARGET_SETS["encoder"])
 
 
-def test_quality_train_time_ratio_pairs_runs_of_the_same_setting():
-    runs = [
-        {"method": "lora", "task": "sst2", "lr": 1e-3, "seed": 0, "train_time_s": 100.0},
-        {"method": "lora", "task": "rte", "lr": 1e-3, "seed": 0, "train_time_s": 200.0},
-        {"method": "orthora", "task": "sst2", "lr": 1e-3, "seed": 0, "train_time_s": 90.0},
-        {"method": "orthora", "task": "rte", "lr": 1e-3, "seed": 0, "train_time_s": 160.0},
-        {"method": "orthora", "task": "rte", "lr": 3e-3, "seed": 0, "train_time_s": 999.0},
-    ]  # no LoRA partner
-    assert quality._train_time_vs_lora(runs, "orthora") == pytest.approx((0.9 + 0.8) / 2)
-    assert quality._train_time_vs_lora(runs, "hra") is None
+def test_lr_search_extends_past_a_best_edge_and_stops_inside():
+    start = (3e-4, 1e-3, 3e-3)
+    assert quality.next_lrs([], start) == list(start)
+    runs = [record("m", "sst2", lr, 0, s) for lr, s in ((3e-4, 0.7), (1e-3, 0.8), (3e-3, 0.9))]
+    assert quality.next_lrs(runs, start) == [1e-2]  # best at the top edge: one ladder step up
+    runs.append(record("m", "sst2", 1e-2, 0, None))  # diverged: scores worst, so 3e-3 is now interior
+    assert quality.next_lrs(runs, start) == [] and quality.lr_is_interior(runs)
+    low = [record("m", "sst2", lr, 0, s) for lr, s in ((3e-4, 0.9), (1e-3, 0.8), (3e-3, 0.7))]
+    assert quality.next_lrs(low, start) == [1e-4]
+    assert not quality.lr_is_interior(low)
+    # seeds other than 0 never steer the search
+    assert quality.next_lrs(low + [record("m", "sst2", 1e-3, 1, 0.99)], start) == [1e-4]
+    # the ladder's end closes an edge
+    top = [record("m", "sst2", lr, 0, s) for lr, s in ((1e-2, 0.1), (3e-2, 0.9))]
+    assert quality.next_lrs(top, (1e-2, 3e-2)) == []
 
 
-def test_select_runs_filters_and_refuses_duplicates():
-    runs = [
-        {"task": "sst2", "method": "lora", "lr": lr, "seed": seed} for lr in (1e-3, 3e-3) for seed in (0, 1)
+def test_pending_searches_seed0_everywhere_first_then_repeats_at_the_chosen_lr():
+    method = quality.QualityMethod("m", MethodSpec("m", "lora", {}), "matched", (1e-3, 3e-3, 1e-2))
+    done = [record("m", "sst2", lr, 0, s) for lr, s in ((1e-3, 0.7), (3e-3, 0.9), (1e-2, 0.8))]
+    todo = quality.pending(done, [method], ["sst2", "rte"], ["encoder"], [0, 1, 2])
+    keys = [(k.task, k.lr, k.seed) for k, _ in todo]
+    assert keys == [
+        ("rte", 1e-3, 0),
+        ("rte", 3e-3, 0),
+        ("rte", 1e-2, 0),
+        ("sst2", 3e-3, 1),
+        ("sst2", 3e-3, 2),
     ]
-    assert len(quality.select_runs(runs)) == 4
-    assert [(r["lr"], r["seed"]) for r in quality.select_runs(runs, lrs="1e-3", seeds="0")] == [(1e-3, 0)]
-    with pytest.raises(SystemExit, match="appears twice"):
-        quality.select_runs(runs + runs[:1])
+    assert all(m is method for _, m in todo)
 
 
-def test_quality_train_time_ratio_never_pairs_runs_of_different_sweeps():
-    runs = [
-        {"method": "lora", "task": "sst2", "lr": 1e-3, "seed": 0, "train_time_s": 100.0, "source": "a.json"},
-        {"method": "hra", "task": "sst2", "lr": 1e-3, "seed": 0, "train_time_s": 900.0, "source": "b.json"},
+def test_summary_means_stds_failed_settings_and_paired_differences():
+    runs = []
+    for seed, (a, b) in enumerate(((0.80, 0.78), (0.82, 0.79), (0.84, 0.81))):
+        runs += [record("orthora", "sst2", 1e-3, seed, a), record("lora", "sst2", 1e-3, seed, b)]
+        runs += [record("orthora", "cola", 1e-3, seed, 0.30), record("lora", "cola", 1e-3, seed, 0.01)]
+    runs.append(record("orthora", "sst2", 3e-3, 0, 0.50))  # a worse LR on seed 0: not chosen
+    trivial = {"sst2": 0.51, "cola": 0.0}
+    summary = quality.summarize(runs, ["sst2", "cola"], trivial)["encoder"]
+    sst2 = summary["orthora"]["tasks"]["sst2"]
+    assert sst2["lr"] == 1e-3 and sst2["scores"] == [0.80, 0.82, 0.84]
+    assert sst2["mean"] == pytest.approx(0.82) and sst2["std"] == pytest.approx(0.02)
+    # LoRA's CoLA (MCC 0.01) is not clearly above the trivial 0: a failed setting, kept out of its GLUE mean
+    assert summary["lora"]["tasks"]["cola"]["failed"] and summary["lora"]["glue_failed"] == ["cola"]
+    assert summary["lora"]["glue_mean"] == (None, None)
+    assert summary["orthora"]["glue_mean"][0] == pytest.approx((0.82 + 0.30) / 2)
+    # only the tasks every method passed are ranked together
+    assert summary["orthora"]["shared_tasks"] == ["sst2"]
+    assert summary["orthora"]["shared_mean"] == pytest.approx(0.82)
+    paired = summary["orthora"]["paired_vs_lora"]["sst2"]
+    assert paired["n"] == 3 and paired["mean"] == pytest.approx(0.0267, abs=1e-4)
+    assert paired["p"] is not None and paired["p"] < 0.05
+    table = quality.quality_markdown({"encoder": summary}, ["sst2", "cola"], trivial)
+    assert "| lora |" in table and "failed: cola" in table and "82.0 ± 2.0 (lr 0.001, n=3)" in table
+
+
+def test_trivial_baseline_is_the_best_constant_prediction(tmp_path):
+    (tmp_path / "glue" / "mrpc").mkdir(parents=True)
+    rows = [{"sentence1": "a", "sentence2": "b", "label": int(i < 7), "idx": i} for i in range(10)]
+    write_jsonl(tmp_path / "glue" / "mrpc" / "validation.jsonl", rows)
+    # always "paraphrase": accuracy 0.7, F1 2*0.7/(1+0.7); the score is their mean
+    assert quality.trivial_score("mrpc", tmp_path) == pytest.approx((0.7 + 1.4 / 1.7) / 2)
+    assert quality.trivial_score("stsb", tmp_path) == 0.0
+
+
+def test_budgets_match_lora_r8_within_five_percent_and_orthora_is_the_shipped_default():
+    targets = quality.TARGET_SETS["encoder"]
+    table = quality.method_table(targets)
+    lora = quality.adapter_params(table["lora"], targets)
+    for name in ("oft", "hra", "orthora", "orthora-output"):
+        assert abs(quality.adapter_params(table[name], targets) / lora - 1) <= 0.05, name
+    for name in ("lora-half", "oft-half", "orthora-half"):
+        assert 0.45 <= quality.adapter_params(table[name], targets) / lora <= 0.55, name
+    assert table["orthora"].spec.kwargs == {}  # OrthoConfig() as shipped: the row measures the default
+    assert table["lora"].spec.kwargs["r"] == 8
+
+
+def test_claims_keep_workers_apart_and_stale_claims_are_taken_over(tmp_path):
+    first = quality.Claim(tmp_path / "run.json")
+    assert first.acquire()
+    assert not quality.Claim(tmp_path / "run.json").acquire()  # this (live) process holds it
+    first.release()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (tmp_path / "run.claim").write_text(dead.stdout.strip())  # a process that has exited
+    assert quality.Claim(tmp_path / "run.json").acquire()
+
+
+def _tiny_data(root, n_train=48, n_dev=16):
+    (root / "glue" / "sst2").mkdir(parents=True)
+    (root / "glue" / "stsb").mkdir(parents=True)
+    write_jsonl(root / "glue" / "sst2" / "train.jsonl", synthetic_rows("sst2", n_train, seed=1))
+    write_jsonl(root / "glue" / "sst2" / "validation.jsonl", synthetic_rows("sst2", n_dev, seed=2))
+    sentences = [r["sentence"] for r in synthetic_rows("sst2", 20, seed=3)]
+    pairs = [
+        {"sentence1": a, "sentence2": b, "label": float(i % 6), "idx": i}
+        for i, (a, b) in enumerate(zip(sentences, reversed(sentences), strict=True))
     ]
-    assert quality._train_time_vs_lora(runs, "hra") is None
+    write_jsonl(root / "glue" / "stsb" / "validation.jsonl", pairs)
+
+
+def test_sweep_end_to_end_writes_one_record_per_run_with_forgetting(tmp_path, tiny_train_models):
+    """Real runs through orthora.train on a tiny BERT: records carry the metrics, the score, the trained config
+    and the zero-shot STS-B forgetting of the adapted encoder; finished settings are never rerun."""
+    _tiny_data(tmp_path / "data")
+    protocol = quality.Protocol(train_samples=48, epochs=1, model=tiny_train_models["bert"])
+    method = quality.QualityMethod(
+        "orthora", MethodSpec("orthora", "orthora", {"block_size": 16}), "matched", (1e-2, 3e-2)
+    )
+    runs_dir = tmp_path / "runs"
+    logged = []
+    kwargs = dict(protocol=protocol, data_dir=tmp_path / "data", runs_dir=runs_dir, log=logged.append)
+    assert quality.run_sweep([method], ["sst2"], ["encoder"], [0, 1], max_runs=2, **kwargs) == 2
+    files = sorted(p.name for p in runs_dir.glob("*.json"))
+    assert files == ["encoder__sst2__orthora__lr0.01__s0.json", "encoder__sst2__orthora__lr0.03__s0.json"]
+    rec = json.loads((runs_dir / files[0]).read_text())
+    assert rec["adapter"]["block_size"] == 16 and rec["adapter"]["target_modules"]
+    assert 0.0 <= rec["score"] <= 1.0 and rec["metrics"]["accuracy"] == rec["score"]
+    assert rec["forgetting"] == pytest.approx(rec["sts_base"] - rec["sts_zero_shot"])
+    assert not list(runs_dir.glob("*.claim")) and not list(runs_dir.glob(".*.tmp"))
+    mtimes = {p: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")}
+    quality.run_sweep([method], ["sst2"], ["encoder"], [0], max_runs=0, **kwargs)
+    assert {p: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")} == mtimes
+
+
+def test_quality_profile_cli_renders_finished_runs(tmp_path):
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    for seed in (0, 1, 2):
+        for lr, score in ((3e-4, 0.7), (1e-3, 0.8), (3e-3, 0.75)):
+            rec = record("lora", "sst2", lr, seed, score + 0.01 * seed)
+            quality.write_atomic(
+                runs_dir / quality.RunKey("encoder", "sst2", "lora", lr, seed).file_name, rec
+            )
+    data = tmp_path / "data"
+    _tiny_data(data)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orthora.bench",
+            "--profile",
+            "quality",
+            "--render",
+            "--no-write",
+            "--tasks",
+            "sst2",
+            "--quality-methods",
+            "lora",
+            "--runs-dir",
+            str(runs_dir),
+            "--data-dir",
+            str(data),
+            "--plot",
+            str(tmp_path / "plot.png"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| lora | 100 | 81.0 ± 1.0 (lr 0.001, n=3)" in out.stdout
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_forgetting_scores_the_adapted_encoder_not_the_base(tiny_train_models):
+    """encoder_of looks through PEFT and the task head: a rotated encoder gives other embeddings than the base."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
+
+    import orthora
+    from orthora.bench.forgetting import encoder_of, mean_pooled_embeddings
+
+    path = tiny_train_models["bert"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sentences = [r["sentence"] for r in synthetic_rows("sst2", 6)]
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    before = mean_pooled_embeddings(encoder_of(base), tokenizer, sentences)
+    adapted = get_peft_model(base, orthora.OrthoConfig(target_modules=["query", "value"], init_weights=False))
+    encoder = encoder_of(adapted)
+    assert isinstance(encoder, BertModel) and any(
+        isinstance(m, orthora.OrthoLayer) for m in encoder.modules()
+    )
+    after = mean_pooled_embeddings(encoder, tokenizer, sentences)
+    assert not torch.allclose(before, after, atol=1e-4)
+    with adapted.disable_adapter():
+        assert torch.allclose(
+            before, mean_pooled_embeddings(encoder_of(adapted), tokenizer, sentences), atol=1e-5
+        )

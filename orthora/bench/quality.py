@@ -1,24 +1,39 @@
-"""The quality sweep: GLUE and SQuAD fine-tuning of all-MiniLM-L6-v2 through `orthora.train`, every method alike.
+"""The quality sweep: every method fine-tunes all-MiniLM-L6-v2 under one protocol, and what it forgot is measured.
 
-Per (task, method) the LR with the best seed-mean dev score is reported, with the GLUE mean, its per-seed spread and
-each method's real training time relative to LoRA's in the same setting.
+Protocol (docs/benchmarks.md): GLUE SST-2, MRPC, STS-B, CoLA and RTE with ``--train-samples`` rows each (all rows
+where a set is smaller) and full dev sets, SQuAD v1.1 with its own sample sizes; the same epochs, batch, warmup,
+seeds and data order for every method; trainable parameters matched to PEFT LoRA r=8 on the same targets (and one
+half-budget tier). Each method gets its own learning-rate grid, chosen on seed 0 per task and extended until the best
+point lies inside it; the other seeds then run at that learning rate. After each run the adapted encoder's zero-shot
+STS-B score is taken (:mod:`orthora.bench.forgetting`), so every task score comes with what the method forgot.
+
+Every run writes one JSON file when it finishes (atomically), named by its settings, so a sweep cut short loses at
+most the run in flight, several worker processes can share a sweep (``--shard``-free: each claims the next pending
+run with an exclusive lock file), and runs from several sessions combine by just being in the same folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
 import statistics
+import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from .budgets import matched_methods, targeted_widths
+from .budgets import MethodSpec, matched_methods, targeted_widths, trainable_params
 from .models import BERT_TARGETS, minilm_path
-from .report import REPO, fmt, machine_info
+from .report import REPO, RESULTS_DIR, fmt, machine_info
 
-GLUE_TASKS = ("sst2", "mrpc", "stsb", "rte", "cola")
-#: official metric(s) per task; the first is the one averaged into the GLUE mean (MRPC/STS-B: mean of the two)
+GLUE_TASKS = ("sst2", "mrpc", "stsb", "cola", "rte")
+QA_TASKS = ("squad",)
+#: metrics that make up each task's score (their mean; GLUE leaderboard convention); SQuAD's are in percent
 TASK_METRICS = {
     "sst2": ("accuracy",),
     "rte": ("accuracy",),
@@ -27,346 +42,769 @@ TASK_METRICS = {
     "stsb": ("pearson", "spearmanr"),
     "squad": ("exact_match", "f1"),
 }
-DEFAULT_LR_GRID = (1e-3, 3e-3)
-#: ``--quality-targets``: every attention/MLP linear (the cost profiles' setting), or PEFT's BERT default q/v
-QUALITY_TARGETS = {"all": BERT_TARGETS, "qv": ["query", "value"]}
+#: target sets: the encoder's linear layers only, and the common user pattern whose ``dense`` also catches the pooler
+TARGET_SETS = {"encoder": BERT_TARGETS, "dense": ["query", "key", "value", "dense"]}
+#: a run must beat the task's trivial baseline (majority class / constant prediction) by this much to count
+SANITY_MARGIN = 0.02
+#: learning rates a grid may use; each method starts from three neighbours and is extended along this ladder
+LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+DEFAULT_START_LRS = (3e-4, 1e-3, 3e-3)
+RUNS_DIR = RESULTS_DIR / "quality-runs"
+DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
 
 
-def quality_methods(names: list[str], targets: list[str]) -> dict[str, tuple[str, dict]]:
-    """(train-engine method, adapter kwargs) per quality method, at the cost profile's matched budgets."""
-    table = {
-        "orthora": ("orthora", dict(block_size=32, parametrization="cayley", side="output")),
-        "orthora-input": ("orthora", dict(block_size=32, parametrization="cayley", side="input")),
-        "lora": ("lora", dict(r=8, lora_alpha=16, lora_dropout=0.0)),
-        "oft": ("oft", dict(r=0, oft_block_size=32, use_cayley_neumann=True)),
-        "oft-cayley": ("oft", dict(r=0, oft_block_size=32, use_cayley_neumann=False)),
-        "hra": ("hra", dict(r=16)),
-    }
+# ------------------------------------------------------------------------------------------------------ methods
+@dataclasses.dataclass(frozen=True)
+class QualityMethod:
+    """A benchmarked method: its adapter config (``spec``), budget tier and where its LR grid starts."""
+
+    name: str
+    spec: MethodSpec
+    tier: str  # "matched" (LoRA r=8's budget) or "half"
+    start_lrs: tuple[float, ...] = DEFAULT_START_LRS
+
+
+def parse_method_name(name: str) -> tuple[str, dict[str, Any]]:
+    """``"orthora[side=output,block_size=16]"`` -> ``("orthora", {"side": "output", "block_size": 16})``.
+
+    The bracket form benchmarks a variant without adding it to the table; values are parsed as JSON when they can be.
+    """
+    if "[" not in name:
+        return name, {}
+    if not name.endswith("]"):
+        raise ValueError(f"method {name!r}: a variant is written base[key=value,...]")
+    base, body = name[:-1].split("[", 1)
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        if "=" not in item:
+            raise ValueError(f"method {name!r}: {item!r} is not key=value")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        try:
+            kwargs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            kwargs[key] = raw
+    return base, kwargs
+
+
+def method_table(targets: Sequence[str]) -> dict[str, QualityMethod]:
+    """The benchmarked methods on ``targets``, sized by `orthora.bench.budgets` on MiniLM's real layer shapes.
+
+    ``orthora`` is ``OrthoConfig()`` exactly as shipped (only ``target_modules`` is set), so the table measures the
+    default users get; ``orthora-output`` is the method's original output-side form.
+    """
+    widths = minilm_widths(targets)
+    matched = _peers(matched_methods(widths, 32))
+    half = _peers(matched_methods(widths, 16, "small"))
+    table = [
+        QualityMethod("lora", _renamed(matched["lora"], "lora"), "matched"),
+        QualityMethod("oft", _renamed(matched["oft"], "oft"), "matched"),
+        QualityMethod("boft", _renamed(matched["boft"], "boft"), "matched") if "boft" in matched else None,
+        QualityMethod("hra", _renamed(matched["hra"], "hra"), "matched"),
+        QualityMethod("orthora", MethodSpec("orthora", "orthora", {}), "matched"),
+        QualityMethod(
+            "orthora-output", MethodSpec("orthora-output", "orthora", {"side": "output"}), "matched"
+        ),
+        QualityMethod("lora-half", _renamed(half["lora"], "lora-half"), "half"),
+        QualityMethod("oft-half", _renamed(half["oft"], "oft-half"), "half"),
+        QualityMethod("orthora-half", MethodSpec("orthora-half", "orthora", {"block_size": 16}), "half"),
+    ]
+    return {m.name: m for m in table if m is not None}
+
+
+def _peers(specs: Sequence[MethodSpec]) -> dict[str, MethodSpec]:
+    """The PEFT peers among `matched_methods`' specs, keyed by method (OFT in PEFT's default Cayley-Neumann form)."""
     out = {}
-    for n in names:
-        if n == "boft":  # the cost profile's rule, on MiniLM's real layer shapes
-            spec = next(m for m in matched_methods(minilm_widths(targets), 32, "all") if m.kind == "boft")
-            table["boft"] = ("boft", dict(spec.kwargs))
-        method, kw = table[n]
-        out[n] = (method, {**kw, "target_modules": list(targets)})
+    for spec in specs:
+        if spec.kind in ("lora", "hra", "boft") or spec.name == "oft-cayley_neumann":
+            out[spec.kind] = spec
     return out
 
 
-def minilm_widths(targets: list[str]) -> list[tuple[int, int]]:
+def _renamed(spec: MethodSpec, name: str) -> MethodSpec:
+    return MethodSpec(name, spec.kind, dict(spec.kwargs))
+
+
+def resolve_method(name: str, targets: Sequence[str]) -> QualityMethod:
+    """A table method, or a bracketed variant of one (``orthora[side=both]``), with a clear error otherwise."""
+    table = method_table(targets)
+    base, extra = parse_method_name(name)
+    if base not in table:
+        raise ValueError(
+            f"unknown quality method {base!r}; valid: {', '.join(table)} (or base[key=value,...])"
+        )
+    method = table[base]
+    if not extra:
+        return method
+    spec = MethodSpec(name, method.spec.kind, {**method.spec.kwargs, **extra})
+    return QualityMethod(name, spec, method.tier, method.start_lrs)
+
+
+def minilm_widths(targets: Sequence[str]) -> list[tuple[int, int]]:
     """``(d_in, d_out)`` of the MiniLM linears ``targets`` select: its config built on the meta device (no weights)."""
     import torch
     from transformers import AutoConfig, AutoModel
 
     with torch.device("meta"):
         model = AutoModel.from_config(AutoConfig.from_pretrained(minilm_path()))
-    return targeted_widths(model, targets)
+    return targeted_widths(model, list(targets))
 
 
-def task_score(task: str, metrics: dict) -> Optional[float]:
-    """The number averaged into the mean: the official metric (mean of the pair for MRPC, STS-B and SQuAD)."""
-    keys = TASK_METRICS[task]
-    vals = [metrics.get(k) for k in (keys if task in ("mrpc", "stsb", "squad") else keys[:1])]
-    if any(v is None for v in vals):
+def adapter_params(method: QualityMethod, targets: Sequence[str]) -> int | None:
+    """The method's adapter parameters on MiniLM's ``targets`` (heads excluded), counted on instantiated layers."""
+    return trainable_params(method.spec, minilm_widths(targets))
+
+
+# --------------------------------------------------------------------------------------------------------- runs
+@dataclasses.dataclass(frozen=True)
+class RunKey:
+    """What identifies one fine-tuning run; its file name is derived from it."""
+
+    target_set: str
+    task: str
+    method: str
+    lr: float
+    seed: int
+
+    @property
+    def file_name(self) -> str:
+        safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in self.method)
+        return f"{self.target_set}__{self.task}__{safe}__lr{self.lr:g}__s{self.seed}.json"
+
+
+@dataclasses.dataclass
+class Protocol:
+    """Everything that must be equal across methods for their numbers to be comparable."""
+
+    train_samples: int = 2000
+    epochs: int = 3
+    batch_size: int = 16
+    warmup_ratio: float = 0.06
+    max_seq_length: int = 128
+    eval_samples: Optional[int] = None  # None: full GLUE dev sets
+    squad_train_samples: int = 2000
+    squad_eval_samples: int = 1000
+    squad_max_seq_length: int = 256
+    squad_doc_stride: int = 96
+    sts_pairs: Optional[int] = None  # None: the full STS-B dev set for forgetting
+    model: Optional[str] = None  # None: all-MiniLM-L6-v2
+
+    def model_path(self) -> str:
+        return self.model or minilm_path()
+
+
+def score_of(task: str, metrics: dict[str, Any]) -> Optional[float]:
+    """The task's score on a 0-1 scale: the mean of its `TASK_METRICS` (SQuAD's percentages divided by 100)."""
+    values = [metrics.get(k) for k in TASK_METRICS[task]]
+    if any(not isinstance(v, (int, float)) or math.isnan(v) for v in values):
         return None
-    scale = 0.01 if task == "squad" else 1.0  # SQuAD metrics are in percent
-    return statistics.mean(float(v) * scale for v in vals)
+    scale = 0.01 if task in QA_TASKS else 1.0
+    return statistics.mean(float(v) * scale for v in values)
 
 
-def run_one_quality(
-    task: str, method: str, adapter: dict, lr: float, seed: int, args: argparse.Namespace, out_dir: str
-) -> dict:
-    """One fine-tuning run through the training engine (orthora.train), returning its final dev metrics."""
-    from orthora.train import TrainConfig, run
+def trivial_score(task: str, data_dir: Path, eval_samples: Optional[int] = None) -> float:
+    """The score of the best constant prediction on the dev set: majority class (accuracy, F1, MCC), 0 for a
+    constant regression (its correlation is undefined) and for SQuAD."""
+    if task in QA_TASKS or task == "stsb":
+        return 0.0
+    import numpy as np
 
-    data = Path(args.data_dir)
+    from orthora.train.recipes.glue import glue_metrics
+
+    labels = []
+    with open(data_dir / "glue" / task / "validation.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            labels.append(int(json.loads(line)["label"]))
+    labels = np.asarray(labels[:eval_samples] if eval_samples else labels)
+    best = 0.0
+    for constant in np.unique(labels):
+        score = score_of(task, glue_metrics(task, np.full_like(labels, constant), labels))
+        best = max(best, score or 0.0)
+    return best
+
+
+def train_config(key: RunKey, method: QualityMethod, protocol: Protocol, data_dir: Path, out_dir: str):
+    """The `orthora.train.TrainConfig` of one run: the protocol's settings, the method's adapter, the key's LR/seed."""
+    from orthora.train import TrainConfig
+
+    adapter = {**method.spec.kwargs, "target_modules": list(TARGET_SETS[key.target_set])}
     common = dict(
-        model_name_or_path=minilm_path(),
-        method=method,
+        model_name_or_path=protocol.model_path(),
+        method=method.spec.kind,
         adapter=adapter,
-        learning_rate=lr,
-        seed=seed,
-        num_train_epochs=args.epochs,
-        max_train_samples=args.train_samples,
+        learning_rate=key.lr,
+        seed=key.seed,
+        num_train_epochs=protocol.epochs,
         output_dir=out_dir,
         report_to="none",
         checkpointing_steps=None,
         logging_steps=10**6,
-        warmup_ratio=0.06,
-        per_device_train_batch_size=16,
+        warmup_ratio=protocol.warmup_ratio,
+        per_device_train_batch_size=protocol.batch_size,
         per_device_eval_batch_size=64,
     )
-    if task == "squad":
-        cfg = TrainConfig(
+    if key.task in QA_TASKS:
+        return TrainConfig(
             task="qa",
-            train_file=str(data / "squad" / "train.jsonl"),
-            validation_file=str(data / "squad" / "validation.jsonl"),
-            max_seq_length=256,
-            max_eval_samples=args.squad_eval_samples,
+            train_file=str(data_dir / "squad" / "train.jsonl"),
+            validation_file=str(data_dir / "squad" / "validation.jsonl"),
+            max_train_samples=protocol.squad_train_samples,
+            max_eval_samples=protocol.squad_eval_samples,
+            max_seq_length=protocol.squad_max_seq_length,
+            doc_stride=protocol.squad_doc_stride,
             **common,
         )
+    return TrainConfig(
+        task="glue",
+        task_name=key.task,
+        train_file=str(data_dir / "glue" / key.task / "train.jsonl"),
+        validation_file=str(data_dir / "glue" / key.task / "validation.jsonl"),
+        max_train_samples=protocol.train_samples,
+        max_eval_samples=protocol.eval_samples,
+        max_seq_length=protocol.max_seq_length,
+        **common,
+    )
+
+
+def _load_adapted(key: RunKey, adapter_dir: str, protocol: Protocol):
+    """The trained adapter on a fresh base model, through PEFT's public loading path (any method)."""
+    from peft import PeftModel
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    import orthora  # noqa: F401  (registers the method with PEFT)
+
+    if key.task in QA_TASKS:
+        base = AutoModelForQuestionAnswering.from_pretrained(protocol.model_path())
     else:
-        cfg = TrainConfig(
-            task="glue",
-            task_name=task,
-            train_file=str(data / "glue" / task / "train.jsonl"),
-            validation_file=str(data / "glue" / task / "validation.jsonl"),
-            max_seq_length=128,
-            max_eval_samples=args.eval_samples,
-            **common,
+        base = AutoModelForSequenceClassification.from_pretrained(
+            protocol.model_path(), num_labels=1 if key.task == "stsb" else 2
         )
-    res = run(cfg)
-    metrics = res["metrics"]
-    split = next((k for k, v in metrics.items() if isinstance(v, dict)), None)
-    final = metrics[split] if split else {}
-    return {
-        "metrics": {k: v for k, v in final.items() if isinstance(v, (int, float))},
-        "trainable_params": res.get("trainable_params"),
-        "train_time_s": res.get("train_time_s"),
-    }
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
-def run_quality(args: argparse.Namespace, log=print) -> dict:
-    """Every task x method x LR x seed; per (task, method) the LR with the best seed-mean dev score is reported."""
-    import tempfile as _tf
+_STS_CACHE: dict[tuple, Any] = {}
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    names = [m.strip() for m in args.quality_methods.split(",") if m.strip()]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else list(DEFAULT_LR_GRID)
-    targets = QUALITY_TARGETS[args.quality_targets]
-    methods = quality_methods(names, targets)
-    partial = None if args.no_write else Path(args.out_dir) / "quality-partial.json"
-    runs = []
-    machine = machine_info()
+
+def base_sts(protocol: Protocol, data_dir: Path) -> float:
+    """The untouched model's zero-shot STS-B score (computed once per process)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .forgetting import load_sts_pairs, zero_shot_sts
+
+    key = ("base", protocol.model_path(), protocol.sts_pairs, str(data_dir))
+    if key not in _STS_CACHE:
+        pairs = load_sts_pairs(data_dir / "glue" / "stsb" / "validation.jsonl", protocol.sts_pairs)
+        tokenizer = AutoTokenizer.from_pretrained(protocol.model_path())
+        _STS_CACHE[key] = zero_shot_sts(AutoModel.from_pretrained(protocol.model_path()), tokenizer, pairs)
+    return _STS_CACHE[key]
+
+
+def run_one(key: RunKey, method: QualityMethod, protocol: Protocol, data_dir: Path) -> dict[str, Any]:
+    """Fine-tune once through `orthora.train.run`, then score the adapted encoder's zero-shot STS-B."""
+    from transformers import AutoTokenizer
+
+    from orthora.train import run
+
+    from .forgetting import load_sts_pairs, zero_shot_sts
+
     started = time.perf_counter()
-    for task in tasks:
-        for lr in lrs:
-            for seed in seeds:
-                for name, (method, adapter) in methods.items():  # methods innermost: drift hits all alike
-                    with _tf.TemporaryDirectory() as tmp:
-                        t0 = time.perf_counter()
-                        try:
-                            r = run_one_quality(task, method, adapter, lr, seed, args, tmp)
-                            r["score"] = task_score(task, r["metrics"])
-                        except Exception as exc:  # recorded, the sweep goes on
-                            r = {"error": f"{type(exc).__name__}: {exc}", "score": None, "metrics": {}}
-                    row_name = name if args.quality_targets == "all" else f"{name}-{args.quality_targets}"
-                    r.update(task=task, method=row_name, lr=lr, seed=seed, wall_s=time.perf_counter() - t0)
-                    runs.append(r)
-                    if partial is not None:  # a sweep cut short still leaves every finished run on disk
-                        partial.write_text(json.dumps({"args": vars(args), "runs": runs}, default=str))
-                    log(
-                        f"  [{time.perf_counter() - started:6.0f}s] {task} {name} lr={lr:g} seed={seed}: "
-                        f"score={fmt(r['score'], '.4f')} {r.get('error', '')}"
-                    )
-    if partial is not None and partial.exists():  # complete: the final JSON supersedes it
-        partial.unlink()
+    with tempfile.TemporaryDirectory(prefix="orthora-quality-") as tmp:
+        result = run(train_config(key, method, protocol, data_dir, tmp))
+        adapted = _load_adapted(key, result["adapter_dir"], protocol)
+        pairs = load_sts_pairs(data_dir / "glue" / "stsb" / "validation.jsonl", protocol.sts_pairs)
+        sts = zero_shot_sts(adapted, AutoTokenizer.from_pretrained(protocol.model_path()), pairs)
+    metrics = result["metrics"]
+    split = next((k for k, v in metrics.items() if isinstance(v, dict)), None)
+    final = {k: v for k, v in (metrics[split] if split else {}).items() if isinstance(v, (int, float))}
+    sts_base = base_sts(protocol, data_dir)
     return {
-        "profile": "quality",
-        "machine": machine,
-        "tasks": tasks,
-        "methods": {n: m for n, m in methods.items()},
-        "lrs": lrs,
-        "seeds": seeds,
-        "targets": targets,
-        "train_samples": args.train_samples,
-        "epochs": args.epochs,
-        "eval_samples": args.eval_samples,
-        "squad_eval_samples": args.squad_eval_samples,
-        "runs": runs,
-        "summary": summarize_quality(runs, tasks, list(dict.fromkeys(r["method"] for r in runs))),
+        **dataclasses.asdict(key),
+        "method_kind": method.spec.kind,
+        "adapter": result["config"]["adapter"],
+        "tier": method.tier,
+        "targets": list(TARGET_SETS[key.target_set]),
+        "metrics": final,
+        "score": score_of(key.task, final),
+        "sts_zero_shot": sts,
+        "sts_base": sts_base,
+        "forgetting": sts_base - sts,
+        "trainable_params": result["trainable_params"],
+        "train_time_s": result["train_time_s"],
+        "wall_s": time.perf_counter() - started,
+        "protocol": dataclasses.asdict(protocol),
+        "machine": machine_info(),
     }
 
 
-def select_runs(runs: list[dict], *, lrs: str = "", seeds: str = "") -> list[dict]:
-    """Saved runs restricted to the ``--lrs`` / ``--seeds`` given (empty: all); a repeated setting is an error."""
-    keep_lrs = {float(x) for x in lrs.split(",") if x.strip()}
-    keep_seeds = {int(x) for x in seeds.split(",") if x.strip()}
-    seen, out = set(), []
+def write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """JSON to a temporary file beside ``path``, then renamed over it: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=1, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    """Every finished run in ``runs_dir`` (files that do not parse, e.g. from another tool, are an error)."""
+    runs = []
+    for path in sorted(Path(runs_dir).glob("*.json")):
+        try:
+            runs.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path} is not a finished run ({err}); delete it to rerun that setting"
+            ) from None
+    return runs
+
+
+# -------------------------------------------------------------------------------------------------- the planner
+def _ladder_neighbour(lr: float, step: int) -> Optional[float]:
+    index = min(range(len(LR_LADDER)), key=lambda i: abs(math.log(LR_LADDER[i] / lr)))
+    j = index + step
+    return LR_LADDER[j] if 0 <= j < len(LR_LADDER) else None
+
+
+def best_lr(runs: Iterable[dict[str, Any]], *, seed: int = 0) -> Optional[float]:
+    """The learning rate with the best ``seed`` score among ``runs`` (one target set, task and method)."""
+    scored = [(r["score"], r["lr"]) for r in runs if r["seed"] == seed and r.get("score") is not None]
+    return max(scored)[1] if scored else None
+
+
+def next_lrs(runs: Sequence[dict[str, Any]], start: Sequence[float]) -> list[float]:
+    """Learning rates still to try on seed 0: the start grid, then one ladder step past an edge that is best.
+
+    An edge is closed when the ladder ends or when the run past it scored worse (diverged runs score None, i.e.
+    worst), so the search stops with the best point strictly inside the tried grid whenever the ladder allows.
+    """
+    tried = {r["lr"] for r in runs if r["seed"] == 0}
+    missing = [lr for lr in start if lr not in tried]
+    if missing:
+        return missing
+    best = best_lr(runs)
+    if best is None:
+        return []
+    ordered = sorted(tried)
+    if best == ordered[-1]:
+        up = _ladder_neighbour(best, +1)
+        return [up] if up is not None and up not in tried else []
+    if best == ordered[0]:
+        down = _ladder_neighbour(best, -1)
+        return [down] if down is not None and down not in tried else []
+    return []
+
+
+def lr_is_interior(runs: Sequence[dict[str, Any]]) -> bool:
+    """Whether seed 0's best learning rate has a tried neighbour on both sides."""
+    tried = sorted({r["lr"] for r in runs if r["seed"] == 0})
+    best = best_lr(runs)
+    return best is not None and tried[0] < best < tried[-1]
+
+
+def pending(
+    done: Sequence[dict[str, Any]],
+    methods: Sequence[QualityMethod],
+    tasks: Sequence[str],
+    target_sets: Sequence[str],
+    seeds: Sequence[int],
+) -> list[tuple[RunKey, QualityMethod]]:
+    """Runs still needed: every seed-0 learning-rate search first (a whole one-seed picture early), then the
+    other seeds of each cell whose search has settled (best LR interior, or the ladder's end reached), at that LR.
+    """
+    grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in done:
+        grouped[(r["target_set"], r["task"], r["method"])].append(r)
+    search, repeats = [], []
+    for target_set in target_sets:
+        for task in tasks:
+            for method in methods:
+                runs = grouped[(target_set, task, method.name)]
+                lrs = next_lrs(runs, method.start_lrs)
+                if lrs:
+                    search += [(RunKey(target_set, task, method.name, lr, 0), method) for lr in lrs]
+                    continue
+                lr = best_lr(runs)
+                if lr is None:
+                    continue
+                have = {r["seed"] for r in runs if r["lr"] == lr}
+                repeats += [
+                    (RunKey(target_set, task, method.name, lr, s), method) for s in seeds if s not in have
+                ]
+    return search + repeats
+
+
+class Claim:
+    """An exclusive lock file next to a run's result, so parallel workers never run the same setting twice.
+
+    A claim whose process is gone (a session that ended) is stale and taken over.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_suffix(".claim")
+
+    def acquire(self) -> bool:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._stale():
+                    self.path.unlink(missing_ok=True)
+                    continue
+                return False
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+            return True
+        return False
+
+    def _stale(self) -> bool:
+        try:
+            pid = int(self.path.read_text() or "0")
+        except (OSError, ValueError):
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def run_sweep(
+    methods: Sequence[QualityMethod],
+    tasks: Sequence[str],
+    target_sets: Sequence[str],
+    seeds: Sequence[int],
+    protocol: Protocol,
+    data_dir: Path,
+    runs_dir: Path,
+    *,
+    max_runs: Optional[int] = None,
+    poll_s: float = 30.0,
+    log=print,
+) -> int:
+    """Run pending settings until none is left (or ``max_runs``); return how many this process finished."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    finished = 0
+    started = time.perf_counter()
+    while max_runs is None or finished < max_runs:
+        todo = pending(load_runs(runs_dir), methods, tasks, target_sets, seeds)
+        if not todo:
+            return finished
+        for key, method in todo:
+            claim = Claim(runs_dir / key.file_name)
+            if (runs_dir / key.file_name).exists() or not claim.acquire():
+                continue
+            try:
+                try:
+                    record = run_one(key, method, protocol, data_dir)
+                except Exception as err:  # a diverged or broken setting is a result too: it scores worst
+                    record = {
+                        **dataclasses.asdict(key),
+                        "score": None,
+                        "error": f"{type(err).__name__}: {err}",
+                    }
+                write_atomic(runs_dir / key.file_name, record)
+            finally:
+                claim.release()
+            finished += 1
+            log(
+                f"[{time.perf_counter() - started:7.0f}s] {key.target_set} {key.task} {key.method} lr={key.lr:g} "
+                f"seed={key.seed}: score={fmt(record.get('score'), '.4f')} "
+                f"forgetting={fmt(record.get('forgetting'), '.1f')} {record.get('error', '')}"
+            )
+            break
+        else:  # everything pending is being run by other workers; their results may open new settings
+            time.sleep(poll_s)
+    return finished
+
+
+# ------------------------------------------------------------------------------------------------------ summary
+def _mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(
+    runs: Sequence[dict[str, Any]], tasks: Sequence[str], trivial: dict[str, float], reference: str = "lora"
+) -> dict[str, dict[str, Any]]:
+    """Per target set and method: per-task mean ± std over seeds at the LR chosen on seed 0, failed settings
+    (not clearly above the trivial baseline), the GLUE mean over seeds, forgetting, and paired differences
+    against ``reference`` (same seeds, same data order)."""
+    cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        if (keep_lrs and r["lr"] not in keep_lrs) or (keep_seeds and r["seed"] not in keep_seeds):
-            continue
-        key = (r["task"], r["method"], r["lr"], r["seed"])
-        if key in seen:
-            raise SystemExit(f"run {key} appears twice in the saved files")
-        seen.add(key)
-        out.append(r)
-    return out
-
-
-def summarize_quality(runs: list[dict], tasks: list[str], methods: list[str]) -> dict:
-    """Per (method, task): best LR by seed-mean score, its mean, min-max spread and metrics; and the GLUE mean."""
-    out: dict[str, dict] = {}
-    for m in methods:
-        per_task = {}
-        for t in tasks:
-            by_lr: dict[float, list[dict]] = {}
-            for r in runs:
-                if r["method"] == m and r["task"] == t and r["score"] is not None:
-                    by_lr.setdefault(r["lr"], []).append(r)
-            if not by_lr:
-                per_task[t] = None
+        cells[(r["target_set"], r["method"], r["task"])].append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for target_set, method in sorted({(t, m) for t, m, _ in cells}):
+        per_task: dict[str, Any] = {}
+        for task in tasks:
+            runs_here = cells.get((target_set, method, task), [])
+            lr = best_lr(runs_here)
+            if lr is None:
                 continue
-            lr, rs = max(by_lr.items(), key=lambda kv: statistics.mean(x["score"] for x in kv[1]))
-            scores = [x["score"] for x in rs]
-            metric_means = {
-                k: statistics.mean(x["metrics"][k] for x in rs if k in x["metrics"])
-                for k in TASK_METRICS[t]
-                if any(k in x["metrics"] for x in rs)
-            }
-            per_task[t] = {
+            chosen = [r for r in runs_here if r["lr"] == lr and r.get("score") is not None]
+            chosen.sort(key=lambda r: r["seed"])
+            scores = [r["score"] for r in chosen]
+            mean, std = _mean_std(scores)
+            failed = mean is None or mean < trivial.get(task, 0.0) + SANITY_MARGIN
+            per_task[task] = {
                 "lr": lr,
-                "score": statistics.mean(scores),
-                "min": min(scores),
-                "max": max(scores),
-                "n": len(scores),
-                "metrics": metric_means,
-                "trainable_params": rs[0].get("trainable_params"),
+                "lr_interior": lr_is_interior(runs_here),
+                "seeds": [r["seed"] for r in chosen],
+                "scores": scores,
+                "mean": mean,
+                "std": std,
+                "metrics": {
+                    k: statistics.mean(r["metrics"][k] for r in chosen if k in r["metrics"])
+                    for k in TASK_METRICS[task]
+                    if any(k in r["metrics"] for r in chosen)
+                },
+                "forgetting": _mean_std([r["forgetting"] for r in chosen if r.get("forgetting") is not None]),
+                "trainable_params": chosen[0].get("trainable_params") if chosen else None,
+                "train_time_s": statistics.median(r["train_time_s"] for r in chosen) if chosen else None,
+                "failed": failed,
             }
-        glue = [per_task[t]["score"] for t in tasks if t in GLUE_TASKS and per_task.get(t)]
-        # spread of the GLUE mean over seeds, at each task's chosen LR
-        seed_means = {}
-        for t in tasks:
-            if t in GLUE_TASKS and per_task.get(t):
-                for r in runs:
-                    if (
-                        r["method"] == m
-                        and r["task"] == t
-                        and r["lr"] == per_task[t]["lr"]
-                        and r["score"] is not None
-                    ):
-                        seed_means.setdefault(r["seed"], []).append(r["score"])
-        complete = [statistics.mean(v) for v in seed_means.values() if len(v) == len(glue)]
-        out[m] = {
+        glue = [t for t in tasks if t in GLUE_TASKS and t in per_task]
+        complete_seeds = sorted(set.intersection(*(set(per_task[t]["seeds"]) for t in glue))) if glue else []
+        per_seed = [
+            statistics.mean(per_task[t]["scores"][per_task[t]["seeds"].index(s)] for t in glue)
+            for s in complete_seeds
+        ]
+        forgetting = [f for t in glue for f in [per_task[t]["forgetting"][0]] if f is not None]
+        out.setdefault(target_set, {})[method] = {
             "tasks": per_task,
-            "glue_mean": statistics.mean(glue) if glue else None,
-            "glue_mean_per_seed": complete,
-            "train_time_vs_lora": _train_time_vs_lora(runs, m),
+            "glue_tasks": glue,
+            "glue_complete": len(glue) == len([t for t in tasks if t in GLUE_TASKS]),
+            "glue_failed": [t for t in glue if per_task[t]["failed"]],
+            "glue_mean_per_seed": dict(zip(complete_seeds, per_seed, strict=True)),
+            "glue_mean": _mean_std(per_seed)
+            if not any(per_task[t]["failed"] for t in glue)
+            else (None, None),
+            "forgetting_mean": statistics.mean(forgetting) if forgetting else None,
         }
+    for methods in out.values():
+        # the tasks every method of this target set passed: the only fair ground for one ranking across methods
+        shared = [
+            t
+            for t in tasks
+            if t in GLUE_TASKS
+            and all(t in m["tasks"] and not m["tasks"][t]["failed"] for m in methods.values())
+        ]
+        for summary in methods.values():
+            summary["shared_tasks"] = shared
+            summary["shared_mean"] = (
+                statistics.mean(summary["tasks"][t]["mean"] for t in shared) if shared else None
+            )
+        if reference in methods:
+            for summary in methods.values():
+                summary["paired_vs_" + reference] = paired_differences(summary, methods[reference], tasks)
     return out
 
 
-def _train_time_vs_lora(runs: list[dict], method: str) -> Optional[float]:
-    """Median over (task, LR, seed) of this method's training time / LoRA's in the same setting (real training).
+def paired_differences(a: dict[str, Any], b: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """Per task, ``a - b`` on the seeds both ran (same seed = same data order and head initialisation): the mean
+    difference, its standard deviation, and a paired t-test's p-value when there are at least 3 pairs."""
+    from scipy.stats import ttest_rel
 
-    Only runs of the same sweep are paired (methods are interleaved there, so machine load hits both alike)."""
+    result = {}
+    for task in tasks:
+        ta, tb = a["tasks"].get(task), b["tasks"].get(task)
+        if not ta or not tb:
+            continue
+        common = sorted(set(ta["seeds"]) & set(tb["seeds"]))
+        if not common:
+            continue
+        xa = [ta["scores"][ta["seeds"].index(s)] for s in common]
+        xb = [tb["scores"][tb["seeds"].index(s)] for s in common]
+        diffs = [x - y for x, y in zip(xa, xb, strict=True)]
+        mean, std = _mean_std(diffs)
+        p = float(ttest_rel(xa, xb).pvalue) if len(common) >= 3 and std and std > 0 else None
+        result[task] = {"n": len(common), "mean": mean, "std": std, "p": p}
+    return result
 
-    def key(r: dict) -> tuple:
-        return r["task"], r["lr"], r["seed"], r.get("source")
 
-    lora = {key(r): r.get("train_time_s") for r in runs if r["method"] == "lora"}
-    ratios = [
-        r["train_time_s"] / lora[key(r)]
-        for r in runs
-        if r["method"] == method and r.get("train_time_s") and lora.get(key(r))
-    ]
-    return statistics.median(ratios) if ratios else None
+def _pm(mean: Optional[float], std: Optional[float], scale: float = 100.0, digits: int = 1) -> str:
+    if mean is None:
+        return "–"
+    if std is None:
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def quality_table(report: dict) -> str:
-    """Markdown: one row per method, official metric(s) per task (best LR, mean over seeds), GLUE mean."""
-    tasks = report["tasks"]
-    heads = []
-    for t in tasks:
-        heads.append(f"{t} ({'/'.join(TASK_METRICS[t])})")
-    lines = [
-        "| method | trainable params | " + " | ".join(heads) + " | GLUE mean (per-seed range) "
-        "| train time × LoRA |",
-        "|" + "---|" * (len(tasks) + 4),
-    ]
-    for m, s in report["summary"].items():
-        cells, params = [], None
-        for t in tasks:
-            d = s["tasks"].get(t)
-            if not d:
-                cells.append("–")
-                continue
-            params = params or d.get("trainable_params")
-            vals = "/".join(f"{d['metrics'][k]:.3f}" for k in TASK_METRICS[t] if k in d["metrics"])
-            cells.append(f"{vals} (lr {d['lr']:g}, ±{(d['max'] - d['min']) / 2:.3f})")
-        per_seed = s["glue_mean_per_seed"]
-        rng = f" ({min(per_seed):.3f}–{max(per_seed):.3f})" if len(per_seed) > 1 else ""
-        gm = "–" if s["glue_mean"] is None else f"{s['glue_mean']:.4f}{rng}"
-        ratio = fmt(s.get("train_time_vs_lora"), ".2f")
-        lines.append(
-            f"| {m} | {params if params is None else format(params, ',')} | "
-            + " | ".join(cells)
-            + f" | {gm} | {ratio} |"
-        )
+def quality_markdown(
+    summary: dict[str, dict[str, Any]], tasks: Sequence[str], trivial: dict[str, float]
+) -> str:
+    """One table per target set: scores ×100 as mean ± std over seeds (LR chosen on seed 0; † = LR at the grid's
+    edge; ✗ = not clearly above the trivial baseline), GLUE mean, zero-shot STS-B forgetting, params."""
+    lines = []
+    for target_set, methods in summary.items():
+        lines += [
+            f"#### Targets `{target_set}`: {', '.join(TARGET_SETS.get(target_set, []))}",
+            "",
+            "| method | adapter params | "
+            + " | ".join(f"{t} ({'/'.join(TASK_METRICS[t])})" for t in tasks)
+            + " | GLUE mean | mean over tasks all passed | STS-B forgetting |",
+            "|" + "---|" * (len(tasks) + 5),
+            "| trivial baseline | 0 | "
+            + " | ".join(f"{trivial.get(t, 0.0) * 100:.1f}" for t in tasks)
+            + f" | {statistics.mean(trivial.get(t, 0.0) for t in tasks if t in GLUE_TASKS) * 100:.1f} | | 0 |",
+        ]
+        for method, s in methods.items():
+            cells, params = [], None
+            for t in tasks:
+                d = s["tasks"].get(t)
+                if not d:
+                    cells.append("–")
+                    continue
+                params = params or d["trainable_params"]
+                mark = ("" if d["lr_interior"] else " †") + (" ✗" if d["failed"] else "")
+                cells.append(f"{_pm(d['mean'], d['std'])} (lr {d['lr']:g}, n={len(d['scores'])}){mark}")
+            gm, gs = s["glue_mean"]
+            if s["glue_failed"]:
+                glue = "failed: " + ", ".join(s["glue_failed"])
+            else:
+                glue = _pm(gm, gs) if s["glue_complete"] else "incomplete"
+            shared = _pm(s["shared_mean"], None) if s["shared_mean"] is not None else "–"
+            forget = fmt(s["forgetting_mean"], ".1f")
+            lines.append(
+                f"| {method} | {fmt(params)} | " + " | ".join(cells) + f" | {glue} | {shared} | {forget} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
+def learn_forget_plot(summary: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Scatter of GLUE mean (learned) against zero-shot STS-B drop (forgotten), one point per method and target set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.5), squeeze=False)
+    for ax, (target_set, methods) in zip(axes[0], summary.items(), strict=True):
+        for method, s in methods.items():
+            mean, std = s["glue_mean"]
+            if mean is None or s["forgetting_mean"] is None:
+                continue
+            ax.errorbar(s["forgetting_mean"], mean * 100, yerr=(std or 0) * 100, fmt="o", capsize=3)
+            ax.annotate(method, (s["forgetting_mean"], mean * 100), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("zero-shot STS-B drop (points; lower = forgot less)")
+        ax.set_ylabel("GLUE mean ×100 (higher = learned more)")
+        ax.set_title(f"targets: {target_set}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--profile quality`` options."""
-    parser.add_argument("--tasks", default="sst2,mrpc,stsb,rte,cola,squad")
-    parser.add_argument("--quality-methods", default="orthora,lora,oft")
-    parser.add_argument(
-        "--quality-targets",
-        choices=sorted(QUALITY_TARGETS),
-        default="all",
-        help="quality: all attention/MLP linears, or query/value only (every method alike)",
+    """``--profile quality`` options (see docs/benchmarks.md)."""
+    group = parser.add_argument_group("quality profile")
+    group.add_argument("--tasks", default=",".join(GLUE_TASKS + QA_TASKS))
+    group.add_argument(
+        "--quality-methods",
+        default="lora,oft,orthora",
+        help="comma-separated table methods, or variants like 'orthora[side=output]'",
     )
-    parser.add_argument("--train-samples", type=int, default=500)
-    parser.add_argument("--eval-samples", type=int, default=None, help="cap on GLUE dev rows (default: full)")
-    parser.add_argument("--squad-eval-samples", type=int, default=1000, help="cap on SQuAD dev questions")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--lrs", default="", help="comma-separated LR grid, the same for every method")
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument(
-        "--render-partial",
-        nargs="+",
-        default=None,
-        metavar="JSON",
-        help="quality: render the table from saved runs (partial or finished JSON files; several "
-        "files, e.g. task groups run in parallel processes, are merged; --lrs and --seeds select runs)",
-    )
+    group.add_argument("--target-sets", default="encoder", help=f"comma-separated: {', '.join(TARGET_SETS)}")
+    group.add_argument("--seeds", default="0,1,2")
+    group.add_argument("--train-samples", type=int, default=Protocol.train_samples)
+    group.add_argument("--eval-samples", type=int, default=None, help="cap on GLUE dev rows (default: full)")
+    group.add_argument("--squad-train-samples", type=int, default=Protocol.squad_train_samples)
+    group.add_argument("--squad-eval-samples", type=int, default=Protocol.squad_eval_samples)
+    group.add_argument("--epochs", type=int, default=Protocol.epochs)
+    group.add_argument("--sts-pairs", type=int, default=None, help="cap on STS-B pairs for forgetting")
+    group.add_argument("--model", default=None, help="model path (default: all-MiniLM-L6-v2)")
+    group.add_argument("--data-dir", default=os.environ.get("ORTHORA_DATA_DIR", str(DEFAULT_DATA_DIR)))
+    group.add_argument("--runs-dir", default=str(RUNS_DIR), help="one JSON per finished run")
+    group.add_argument("--max-runs", type=int, default=None, help="stop this process after N runs")
+    group.add_argument("--render", action="store_true", help="only summarise the finished runs in --runs-dir")
+    group.add_argument("--plot", default=None, help="also draw the learn-vs-forget plot to this PNG")
 
 
-def render_partial(args: argparse.Namespace) -> dict:
-    """The report of saved runs: a cut-short sweep, or task groups run in parallel (``--render-partial``)."""
-    runs, settings = [], {}
-    for path in args.render_partial:
-        saved = json.loads(Path(path).read_text())
-        runs.extend({**r, "source": str(path)} for r in saved["runs"])  # times pair within one sweep
-        source = saved.get("args", saved)  # partial files keep the CLI args, finished reports the fields
-        for key in ("train_samples", "epochs", "eval_samples", "squad_eval_samples"):
-            if settings.setdefault(key, source.get(key)) != source.get(key):
-                raise SystemExit(f"{path}: {key}={source.get(key)} differs from the other files")
-    for key, value in settings.items():
-        setattr(args, key, value)
-    runs = select_runs(runs, lrs=args.lrs, seeds=args.seeds)
-    tasks = list(dict.fromkeys(r["task"] for r in runs))
-    names = list(dict.fromkeys(r["method"] for r in runs))
-    return {
-        "profile": "quality",
-        "machine": machine_info(),
-        "tasks": tasks,
-        "runs": runs,
-        "lrs": sorted({r["lr"] for r in runs}),
-        "seeds": sorted({r["seed"] for r in runs}),
-        "sources": list(args.render_partial),
-        "summary": summarize_quality(runs, tasks, names),
-    }
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in _split_top_level(text) if item.strip()]
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, so 'orthora[side=both,block_size=16],lora' is two methods."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        depth += char == "["
+        depth -= char == "]"
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
 
 
 def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]:
-    """``--profile quality``: (report, markdown, file tag)."""
-    report = render_partial(args) if args.render_partial else run_quality(args)
-    report["command"] = command
-    m = report["machine"]
-    md = "\n".join(
-        [
-            f"## quality: all-MiniLM-L6-v2, {args.train_samples} train rows/task, {args.epochs} epochs, "
-            f"LR grid {report['lrs']}, seeds {report['seeds']} (method suffix -qv: query/value targets only, "
-            "otherwise all 36 attention/MLP linears)",
-            f"`{command}` — {m['date']}, {m['cpu_model']} ({m['host_cores']} cores), torch {m['torch']}, "
-            f"peft {m['peft']}, commit {m.get('git_commit', '?')}",
-            f"Dev sets: GLUE {'full' if args.eval_samples is None else f'first {args.eval_samples} rows'}; "
-            f"SQuAD first {args.squad_eval_samples} questions. Cells: official metric(s), mean over seeds at the "
-            "best LR (± half the min-max range of the task score); SQuAD EM/F1 in percent.",
-            "",
-            quality_table(report),
-        ]
+    """Run (or with ``--render`` only summarise) the sweep; return (report, markdown, file tag)."""
+    tasks = _split(args.tasks)
+    unknown = [t for t in tasks if t not in TASK_METRICS]
+    target_sets = _split(args.target_sets)
+    unknown_sets = [t for t in target_sets if t not in TARGET_SETS]
+    if unknown or unknown_sets:
+        raise SystemExit(
+            f"unknown task(s) {unknown or ''} / target set(s) {unknown_sets or ''}; "
+            f"valid tasks: {', '.join(TASK_METRICS)}; target sets: {', '.join(TARGET_SETS)}"
+        )
+    data_dir = Path(args.data_dir)
+    if not (data_dir / "glue").is_dir():
+        raise SystemExit(f"--data-dir {data_dir} has no glue/ folder (the shared GLUE/SQuAD data)")
+    protocol = Protocol(
+        train_samples=args.train_samples,
+        epochs=args.epochs,
+        eval_samples=args.eval_samples,
+        squad_train_samples=args.squad_train_samples,
+        squad_eval_samples=args.squad_eval_samples,
+        sts_pairs=args.sts_pairs,
+        model=args.model,
     )
-    return report, md, "quality"
+    runs_dir = Path(args.runs_dir)
+    seeds = [int(s) for s in _split(args.seeds)]
+    names = _split(args.quality_methods)
+    if not args.render:
+        for target_set in target_sets:
+            methods = [resolve_method(n, TARGET_SETS[target_set]) for n in names]
+            run_sweep(
+                methods, tasks, [target_set], seeds, protocol, data_dir, runs_dir, max_runs=args.max_runs
+            )
+    runs = [
+        r
+        for r in load_runs(runs_dir)
+        if r["task"] in tasks and r["target_set"] in target_sets and r["method"] in names
+    ]
+    trivial = {t: trivial_score(t, data_dir, args.eval_samples) for t in tasks}
+    summary = summarize(runs, tasks, trivial)
+    markdown = quality_markdown(summary, tasks, trivial)
+    if args.plot:
+        learn_forget_plot(summary, Path(args.plot))
+    report = {
+        "profile": "quality",
+        "command": command,
+        "machine": machine_info(),
+        "protocol": dataclasses.asdict(protocol),
+        "tasks": tasks,
+        "target_sets": target_sets,
+        "methods": names,
+        "trivial": trivial,
+        "runs": len(runs),
+        "summary": summary,
+    }
+    return report, f"{markdown}\nCommand: `{command}`\n", "quality"
