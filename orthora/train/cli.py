@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
-    from .engine import RESULTS_FILE, run
+    from .engine import RESULTS_FILE, TrainingDiverged, run
 
     try:
         config = parse_args(argv)
@@ -138,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
     metrics = {k: v for k, v in results["metrics"].items() if k not in ("step", "epoch")}
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"final metrics: {metrics}")

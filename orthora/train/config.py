@@ -21,6 +21,7 @@ import yaml
 TASKS = ("glue", "translation", "qa", "summarization")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 HUB_STRATEGIES = ("end", "checkpoint")
+NONFINITE_POLICIES = ("stop", "skip")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -135,6 +136,11 @@ class TrainConfig:
     num_warmup_steps: Optional[int] = _opt(None, "Warmup optimizer steps.")
     max_grad_norm: Optional[float] = _opt(1.0, "Clip the gradient norm to this (null: no clipping).")
     mixed_precision: Optional[str] = _opt(None, "no, fp16 or bf16 (default: accelerate launch's setting).")
+    on_nonfinite: str = _opt(
+        "stop",
+        "When the loss or a gradient is NaN/Inf: stop (report the step and module; nothing more is written) or "
+        "skip (drop that step's update, report it, go on).",
+    )
     seed: int = _opt(42, "Seed for weights, dropout and data order.")
 
     # --- evaluation, checkpoints, logging, outputs ----------------------------------------------------------------
@@ -222,6 +228,10 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub needs hub_model_id (e.g. your-name/bert-sst2-orthora)")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(
+                f"on_nonfinite={self.on_nonfinite!r}; choose one of {', '.join(NONFINITE_POLICIES)}"
+            )
         if self.hub_strategy not in HUB_STRATEGIES:
             raise ConfigError(
                 f"hub_strategy={self.hub_strategy!r}; choose one of {', '.join(HUB_STRATEGIES)}"

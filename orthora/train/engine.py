@@ -31,6 +31,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from peft import get_peft_model
+from safetensors import safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, get_scheduler
@@ -51,11 +52,16 @@ RESULTS_FILE = "results.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became NaN/Inf (``on_nonfinite=stop``), or a tensor about to be saved is not finite."""
+
+
 @dataclass
 class TrainingProgress:
     """Loop state saved in every checkpoint (next to model, optimizer, scheduler and RNG states)."""
 
     completed_steps: int = 0
+    skipped_steps: list[int] = field(default_factory=list)
     best_metric: float | None = None
     best_step: int | None = None
     last_eval_step: int | None = None
@@ -71,20 +77,48 @@ class TrainingProgress:
 # ------------------------------------------------------------------------------------------------------------------
 # Atomic outputs
 # ------------------------------------------------------------------------------------------------------------------
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over ``path``, so readers never see half a file."""
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's entry to disk (folders: so a rename inside them survives a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str | os.PathLike) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, flush it to disk and rename it over ``path``.
+
+    A reader (or a run resumed after a kill) sees the old file or the new one, never half of one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False, default=_json_default)
-            handle.write("\n")
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON atomically (see `write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -102,12 +136,14 @@ def replace_dir_atomic(directory: str | os.PathLike, write: Callable[[str], None
     tmp = tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp")
     try:
         write(tmp)
+        _fsync_tree(tmp)
         old = None
         if directory.exists():
             old = tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old")
             os.rmdir(old)
             os.replace(directory, old)
         os.replace(tmp, directory)
+        _fsync(directory.parent)
         if old:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -373,6 +409,9 @@ class _Run:
         self.progress = TrainingProgress()
         accelerator.register_for_checkpointing(self.progress)
         self._register_adapter_only_checkpoints()
+        self.trainable = {
+            n: p for n, p in accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad
+        }
 
     def _register_adapter_only_checkpoints(self) -> None:
         """Checkpoints hold only the trainable weights: the frozen base model is reloaded from its source."""
@@ -385,6 +424,108 @@ class _Run:
                 weights[i] = {k: v for k, v in state.items() if k.removeprefix("module.") in trainable}
 
         self.accelerator.register_save_state_pre_hook(keep_trainable)
+
+    # --- numerical safety and resume checks -------------------------------------------------------------------------
+    def nonfinite_problem(self, window_loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> str | None:
+        """None when this optimizer step's loss and gradients are finite on every process, else what is wrong.
+
+        One all-reduce of two flags and one host sync per step. Under fp16 the gradient scaler already skips steps
+        with non-finite gradients (and lowers its scale), so only the loss is checked there; DeepSpeed keeps its own.
+        """
+        accelerator = self.accelerator
+        flags = [~torch.isfinite(window_loss)]
+        check_grads = accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED
+        grads = [p.grad for p in self.trainable.values() if p.grad is not None] if check_grads else []
+        if grads:
+            flags.append(
+                ~torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).sum())
+            )
+        if not accelerator.reduce(torch.stack(flags).float(), "sum").any():
+            return None
+        step = self.progress.completed_steps + 1
+        parts = []
+        if not torch.isfinite(window_loss):
+            parts.append(f"the loss is {window_loss.item()}")
+            module = first_nonfinite_module(accelerator.unwrap_model(self.model), batch)
+            if module:
+                parts.append(f"the first non-finite output comes from module {module}")
+        bad = [
+            n for n, p in self.trainable.items() if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
+        if bad:
+            modules = sorted({n.rsplit(".", 1)[0] for n in bad})
+            more = f" and {len(modules) - 3} more" if len(modules) > 3 else ""
+            parts.append(f"non-finite gradients in module(s) {', '.join(modules[:3])}{more}")
+        if not parts:
+            parts.append("another process saw a non-finite loss or gradient")
+        return f"step {step}: " + "; ".join(parts)
+
+    def handle_nonfinite(self, problem: str) -> None:
+        """Stop (nothing more is written) or record a skipped step, as ``on_nonfinite`` says."""
+        if self.config.on_nonfinite == "skip":
+            self.progress.skipped_steps.append(self.progress.completed_steps + 1)
+            logger.warning("%s; this step's update was skipped (on_nonfinite=skip)", problem)
+            return
+        raise TrainingDiverged(
+            f"{problem}. Training stopped (on_nonfinite=stop); the adapter and checkpoints on disk are from before "
+            "this step. Lower the learning rate, check the data, or set on_nonfinite=skip."
+        )
+
+    def check_finite_before_saving(self, what: str) -> None:
+        bad = [n for n, p in self.trainable.items() if not torch.isfinite(p.detach()).all()]
+        if bad:
+            raise TrainingDiverged(
+                f"step {self.progress.completed_steps}: refusing to save the {what}: {len(bad)} trainable tensor(s) "
+                f"are not finite, e.g. {bad[0]}"
+            )
+
+    def check_checkpoint_tensors(self, checkpoint: Path) -> None:
+        """Refuse a checkpoint whose weights are not exactly this run's trainable tensors.
+
+        The checkpoint holds only trainable tensors, so it is loaded with ``strict=False``, which would silently
+        keep a missing tensor at its initial value.
+        """
+        files = sorted(checkpoint.glob("model*.safetensors"))
+        if not files:
+            if sorted(checkpoint.glob("pytorch_model*.bin")):
+                files = sorted(checkpoint.glob("pytorch_model*.bin"))
+            else:
+                return  # a sharded FSDP/DeepSpeed state: accelerate checks it when loading
+        saved: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            if file.suffix == ".safetensors":
+                try:
+                    with safe_open(str(file), framework="pt") as handle:
+                        for key in handle.keys():
+                            saved[key.removeprefix("module.")] = tuple(handle.get_slice(key).get_shape())
+                except Exception as err:  # safetensors raises its own error types for a damaged file
+                    raise ConfigError(
+                        f"checkpoint file {file} is unreadable ({err}); resume from another one"
+                    ) from None
+            else:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+                saved.update({k.removeprefix("module."): tuple(v.shape) for k, v in state.items()})
+        missing = sorted(set(self.trainable) - set(saved))
+        unexpected = sorted(set(saved) - set(self.trainable))
+        reshaped = sorted(
+            k for k in set(saved) & set(self.trainable) if saved[k] != tuple(self.trainable[k].shape)
+        )
+        if missing or unexpected or reshaped:
+            details = []
+            if missing:
+                details.append(f"{len(missing)} trainable tensor(s) missing, e.g. {missing[0]}")
+            if unexpected:
+                details.append(f"{len(unexpected)} tensor(s) this run does not have, e.g. {unexpected[0]}")
+            if reshaped:
+                key = reshaped[0]
+                details.append(
+                    f"{len(reshaped)} tensor(s) with another shape, e.g. {key}: checkpoint {saved[key]} vs run "
+                    f"{tuple(self.trainable[key].shape)}"
+                )
+            raise ConfigError(
+                f"checkpoint {checkpoint} does not match this run's adapter ({'; '.join(details)}); resume with the "
+                "adapter config it was saved with, or start without resume_from_checkpoint"
+            )
 
     # --- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, dict[str, float]]:
@@ -475,6 +616,7 @@ class _Run:
     # --- saving ----------------------------------------------------------------------------------------------------
     def save_adapter(self, directory: Path) -> None:
         accelerator = self.accelerator
+        self.check_finite_before_saving(f"adapter {directory.name}")
         state_dict = accelerator.get_state_dict(
             self.model
         )  # collective under FSDP/DeepSpeed: all ranks call it
@@ -493,6 +635,7 @@ class _Run:
         root = self.output_dir / CHECKPOINTS_DIR
         final = root / f"step_{self.progress.completed_steps}"
         tmp = root / f".step_{self.progress.completed_steps}.tmp"
+        self.check_finite_before_saving(f"checkpoint {final.name}")
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -500,8 +643,10 @@ class _Run:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json_atomic(tmp / "progress.json", {"completed_steps": self.progress.completed_steps})
+            _fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            _fsync(root)
             if config.checkpoints_total_limit:
                 complete = sorted(
                     (int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.fullmatch(p.name))
@@ -568,6 +713,7 @@ class _Run:
 
         resumed_from = 0
         if self.resume_dir is not None:
+            self.check_checkpoint_tensors(self.resume_dir)
             accelerator.load_state(str(self.resume_dir), strict=False)
             resumed_from = progress.completed_steps
             accelerator.print(f"resumed from {self.resume_dir} at step {resumed_from}")
@@ -596,6 +742,8 @@ class _Run:
         samples_seen = 0
         running_loss = torch.zeros((), device=accelerator.device)
         loss_count = 0
+        window_loss = torch.zeros((), device=accelerator.device)  # the micro-batches of one optimizer step
+        window_count = 0
         epoch = starting_epoch
         for epoch in range(starting_epoch, self.num_epochs):
             if progress.completed_steps >= self.max_steps:
@@ -608,16 +756,27 @@ class _Run:
                 with accelerator.accumulate(self.model):
                     loss = self.model(**batch).loss
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm:
-                        accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-                    self.optimizer.step()
+                    window_loss += loss.detach().float()
+                    window_count += 1
+                    problem = (
+                        self.nonfinite_problem(window_loss, batch) if accelerator.sync_gradients else None
+                    )
+                    if problem is None:
+                        if accelerator.sync_gradients and config.max_grad_norm:
+                            accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                        self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad()
-                running_loss += loss.detach().float()
-                loss_count += 1
                 samples_seen += _batch_size(batch) * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
+                if problem is None:
+                    running_loss += window_loss
+                    loss_count += window_count
+                else:
+                    self.handle_nonfinite(problem)
+                window_loss.zero_()
+                window_count = 0
                 progress.completed_steps += 1
                 bar.update(1)
                 step = progress.completed_steps
@@ -660,6 +819,7 @@ class _Run:
             "total_params": self.total_params,
             "trainable_percent": 100.0 * self.trainable_params / self.total_params,
             "completed_steps": progress.completed_steps,
+            "skipped_steps": progress.skipped_steps,
             "resumed_from_step": resumed_from,
             "train_examples": len(self.train_dataset),
             "train_time_s": train_time,
@@ -696,6 +856,39 @@ class _Run:
                 write_json_atomic(self.output_dir / RESULTS_FILE, results)
         accelerator.wait_for_everyone()
         accelerator.end_training()
+
+
+def first_nonfinite_module(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
+    """Re-run ``batch`` and name the first module (in execution order) whose output holds a NaN or Inf."""
+    names = {module: name for name, module in model.named_modules()}
+    found: list[str] = []
+
+    def tensors_of(output: Any) -> list[torch.Tensor]:
+        if isinstance(output, torch.Tensor):
+            return [output]
+        values = (
+            output.values()
+            if isinstance(output, dict)
+            else output
+            if isinstance(output, (tuple, list))
+            else ()
+        )
+        return [t for t in values if isinstance(t, torch.Tensor)]
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not found and any(
+            t.is_floating_point() and not torch.isfinite(t).all() for t in tensors_of(output)
+        ):
+            found.append(names.get(module) or type(module).__name__)
+
+    handles = [module.register_forward_hook(hook) for module in model.modules()]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
 
 
 def check_hub_access(config: TrainConfig) -> None:
@@ -813,7 +1006,4 @@ def evaluate_adapter(
 
 
 def _write_config_atomic(config: TrainConfig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
