@@ -124,7 +124,10 @@ def train(
 )
 def evaluate(
     adapter: Annotated[str, typer.Argument(help="Adapter folder or Hub id (user/name).")],
-    config: Annotated[Path, typer.Option(help="The task's YAML config (data, task, batch size).")],
+    config: Annotated[
+        Optional[Path],
+        typer.Option(help="The task's YAML config (data, task, batch size); or give --key value."),
+    ] = None,
     overrides: Annotated[
         Optional[list[str]], typer.Argument(help="--key value overrides of the config.", show_default=False)
     ] = None,
@@ -140,10 +143,10 @@ def evaluate(
 
     overrides = list(overrides or [])
     folder = download_adapter(adapter, revision=revision, token=token)
-    given = load_yaml(config)
+    given = load_yaml(config) if config else {}
     if "model_name_or_path" not in given and not any(a.startswith("--model_name_or_path") for a in overrides):
         overrides += ["--model_name_or_path", str(read_adapter_config(folder).get("base_model_name_or_path"))]
-    metrics = evaluate_adapter(parse_args([str(config), *overrides]), folder)
+    metrics = evaluate_adapter(parse_args([str(config)] * bool(config) + overrides), folder)
     if as_json:
         typer.echo(json.dumps(metrics, indent=2, default=float))
         return

@@ -65,8 +65,8 @@ class FakeHub(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, tokens: dict[str, str]) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, tokens: dict[str, str], port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
         self.tokens = dict(tokens)
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
@@ -311,3 +311,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(2)  # the peer sees a truncated body: a network failure mid-download
             return
         self.wfile.write(content)
+
+
+if (
+    __name__ == "__main__"
+):  # a loopback Hub for a manual session: python tests/hub_server.py --user alice:hf_token
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description="Run the Hub test double on 127.0.0.1 until interrupted.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--user", action="append", default=[], help="NAME:TOKEN (repeatable)")
+    options = parser.parse_args()
+    users = dict(u.split(":", 1) for u in options.user)
+    with FakeHub(tokens={token: name for name, token in users.items()}, port=options.port) as hub:
+        print(f"HF_ENDPOINT={hub.endpoint}", flush=True)
+        while True:
+            time.sleep(3600)
