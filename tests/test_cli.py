@@ -205,3 +205,26 @@ def test_quickstart_on_a_tiny_model(tiny_train_models, tmp_path, capsys):
     assert code == 0
     assert "dev accuracy before training:" in printed and "dev accuracy after training:" in printed
     assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_train_under_accelerate_launch(trained, tmp_path):
+    """``accelerate launch -m orthora.cli train`` on 2 CPU processes: one run, both processes, one printout."""
+    import os
+    import socket
+
+    config, _ = trained
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(port),
+         "-m", "orthora.cli", "train", str(config), "--max_train_steps", "2", "--output_dir", str(tmp_path / "ddp")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["completed_steps"] == 2
+    assert done.stdout.count("final metrics:") == 1
