@@ -299,6 +299,11 @@ class _Run:
     def setup_accelerator(self) -> None:
         config = self.config
         trackers = None if config.report_to in ("none", "", None) else config.report_to
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not _has_accelerator_device():
+            raise ConfigError(  # accelerate's FSDP plugin refuses CPU-only machines with a traceback
+                "the accelerate config asks for FSDP, but accelerate applies its FSDP plugin only on accelerator "
+                "devices (GPU, XPU, NPU, ...); on CPU use configs/accelerate/cpu_ddp.yaml (see docs/training.md)"
+            )
         self.accelerator = Accelerator(
             cpu=_needs_cpu_data_parallel(),
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -928,8 +933,13 @@ def _versions() -> dict[str, str]:
 def _needs_cpu_data_parallel() -> bool:
     """True when several processes were launched (accelerate launch --multi_gpu, torchrun) on a machine with no
     accelerator device: accelerate would then run every process alone, so ask it for CPU (gloo) data parallelism."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
-        return False
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device()
+
+
+def _has_accelerator_device() -> bool:
+    """Whether torch or accelerate sees a GPU or another accelerator device."""
+    if torch.cuda.is_available():
+        return True
     import accelerate.utils as accelerate_utils
 
     probes = (
@@ -941,7 +951,7 @@ def _needs_cpu_data_parallel() -> bool:
         "is_sdaa_available",
         "is_neuron_available",
     )
-    return not any(getattr(accelerate_utils, name, lambda: False)() for name in probes)
+    return any(getattr(accelerate_utils, name, lambda: False)() for name in probes)
 
 
 def _release_process_state(accelerator: Accelerator | None) -> None:
