@@ -9,13 +9,13 @@ stderr; ``--verbose`` adds the traceback and the libraries' own logs. Under seve
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import os
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -69,16 +69,28 @@ def _global(
     ] = False,
 ) -> None:
     _options["verbose"] = verbose
-    if not verbose:
-        import datasets
-        import huggingface_hub
-        import transformers
 
-        transformers.logging.set_verbosity_error()
-        huggingface_hub.utils.logging.set_verbosity_error()
-        datasets.logging.set_verbosity_error()
-        logging.getLogger("orthora").setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore")
+
+@contextlib.contextmanager
+def _library_output(verbose: bool) -> Iterator[None]:
+    """Without --verbose, only errors from transformers, huggingface_hub and datasets, and no Python warnings;
+    the previous levels come back afterwards (main() may run inside another program, e.g. the tests)."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    modules = (transformers.logging, huggingface_hub.utils.logging, datasets.logging)
+    levels = [module.get_verbosity() for module in modules]
+    with warnings.catch_warnings():
+        if not verbose:
+            for module in modules:
+                module.set_verbosity_error()
+            warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            for module, level in zip(modules, levels, strict=True):
+                module.set_verbosity(level)
 
 
 # ------------------------------------------------------------------------------------------------------ train
@@ -458,7 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     _options["verbose"] = any(a in ("-v", "--verbose") for a in args[:1])
     try:
-        app(args=args, prog_name=PROG, standalone_mode=False)
+        with _library_output(_options["verbose"]):
+            app(args=args, prog_name=PROG, standalone_mode=False)
     except click.exceptions.Exit as done:
         return done.exit_code
     except click.ClickException as mistake:
