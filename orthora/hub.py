@@ -324,7 +324,7 @@ def build_model_card(
     )
     if is_orthora:
         summary = (
-            "An [orthora](https://github.com/orthora/orthora) adapter: learned, exactly orthogonal block-diagonal "
+            "An orthora adapter (`pip install orthora`): learned, exactly orthogonal block-diagonal "
             "rotations of the representations of the targeted layers, stored as a PEFT adapter. After "
             "`merge_and_unload()` the model is a plain transformers model with the base model's size and speed."
         )
