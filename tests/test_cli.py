@@ -228,3 +228,28 @@ def test_train_under_accelerate_launch(trained, tmp_path):
     results = json.loads((tmp_path / "ddp" / "results.json").read_text())
     assert results["num_processes"] == 2 and results["completed_steps"] == 2
     assert done.stdout.count("final metrics:") == 1
+
+
+def test_train_options_parse_through_hf_argument_parser():
+    """Hyphen spellings, bare booleans and number formats work; prefixes are not guessed; types are checked."""
+    from orthora.train import ConfigError
+    from orthora.train.cli import parse_args
+
+    base = ["--model_name_or_path", "m", "--task_name", "sst2"]
+    config = parse_args(
+        [*base, "--eval-before-training", "--num_train_epochs", "1e1", "--max_grad_norm", "null"]
+    )
+    assert (
+        config.eval_before_training is True and config.num_train_epochs == 10 and config.max_grad_norm is None
+    )
+    assert parse_args([*base, "--hub_revision", "null", "--hub_model_id", "a/b"]).hub_revision is None
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'num_train_epoch' \(did you mean 'num_train_epochs'\?\)"
+    ):
+        parse_args([*base, "--num_train_epoch", "2"])
+    with pytest.raises(ConfigError, match="config key 'num_train_epochs': expected an integer, got 2.5"):
+        parse_args([*base, "--num_train_epochs", "2.5"])
+    with pytest.raises(ConfigError, match="expected one argument"):
+        parse_args([*base, "--max_train_steps"])
+    with pytest.raises(ConfigError, match="hub_strategy='often'; choose one of end, checkpoint"):
+        parse_args([*base, "--hub_strategy", "often"])
