@@ -83,8 +83,8 @@ def build_model(spec: ModelSpec) -> Any:
 
         cfg = LlamaConfig(**{**LLAMA_1B, **spec.llama})
         cfg._attn_implementation = "sdpa"
-        with torch.device(spec.device):
-            model = LlamaForCausalLM(cfg)
+        with torch.device(spec.device):  # built in its dtype: no float32 copy of a 1B model on the way
+            model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
     elif spec.kind == "mlp":
         model = LinearStack(spec.width, spec.depth)
     else:
