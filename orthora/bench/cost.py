@@ -305,6 +305,7 @@ def run_micro(
     torch.manual_seed(0)
     rows = []
 
+    # reps interleaved across the functions by hand (torch.utils.benchmark times one statement at a time)
     def timed(fns: dict) -> dict:
         for f in fns.values():
             f()

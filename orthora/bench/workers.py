@@ -67,7 +67,7 @@ def _reset_hwm() -> bool:
 class Worker:
     """One method on one model: builds it, trains steps on a fixed batch, and reports cost measurements.
 
-    Runs in its own subprocess (``--worker``) in the CPU profiles, so RSS belongs to one method only.
+    Runs in its own subprocess (``python -m orthora.bench.workers``), so its memory belongs to one method only.
     """
 
     def __init__(self, model_spec: ModelSpec, method: Optional[MethodSpec], lr: float = 1e-4) -> None:
