@@ -7,6 +7,7 @@ reported before any weight is touched. Checks that need layer widths run in the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -92,6 +93,24 @@ class OrthoConfig(PeftConfig):
         metadata={
             "help": "Constrained variant: keep the Frobenius norm of each block's skew-symmetric generator within "
             "this radius (a bound on how far R can move from the identity). None = unconstrained."
+        },
+    )
+    generator_scale: Union[float, str] = field(
+        default=1.0,
+        metadata={
+            "help": "Factor on each block's skew generator (for Householder: on its initial vectors' inverse), which "
+            "under Adam is a learning-rate multiplier for the rotations alone. 'auto' = the parametrization's "
+            "auto_scale (1/(2 sqrt(b)) for Cayley, 1/sqrt(b) for exp, 0.4 for Householder): one optimizer step then "
+            "turns a block by about the learning rate in radians whatever its size, while the head keeps the full "
+            "learning rate."
+        },
+    )
+    magnitude: bool = field(
+        default=False,
+        metadata={
+            "help": "Also learn a per-output-feature scale s, y = s * (R_out f(R_in x)), initialised to 1 and merged "
+            "into the weights like the rotation. The adapter is then no longer norm-preserving (d_out extra "
+            "parameters per layer)."
         },
     )
     module_dropout: float = field(
@@ -181,6 +200,17 @@ class OrthoConfig(PeftConfig):
                 f"OrthoConfig: max_angle bounds a skew-symmetric generator, which parametrization="
                 f"{self.parametrization!r} does not have; use max_angle=None or one of {valid}."
             )
+        if self.generator_scale != "auto" and (
+            isinstance(self.generator_scale, bool)
+            or not isinstance(self.generator_scale, (int, float))
+            or not math.isfinite(self.generator_scale)
+            or self.generator_scale <= 0
+        ):
+            raise ValueError(
+                f"OrthoConfig: generator_scale must be a positive number or 'auto', got {self.generator_scale!r}."
+            )
+        if not isinstance(self.magnitude, bool):
+            raise ValueError(f"OrthoConfig: magnitude must be True or False, got {self.magnitude!r}.")
         if not 0.0 <= self.module_dropout < 1.0:
             raise ValueError(f"OrthoConfig: module_dropout must be in [0, 1), got {self.module_dropout!r}.")
         if self.format_version > FORMAT_VERSION:
@@ -240,6 +270,12 @@ class OrthoConfig(PeftConfig):
     def parametrization_spec(self) -> Parametrization:
         """The entry of :data:`orthora.rotations.PARAMETRIZATIONS` for this config's parametrization."""
         return get_parametrization(self.parametrization)
+
+    def scale_for(self, block_size: int) -> float:
+        """The numeric generator scale of a rotation with blocks of ``block_size`` (resolves ``'auto'``)."""
+        if self.generator_scale == "auto":
+            return self.parametrization_spec.auto_scale(block_size)
+        return float(self.generator_scale)
 
     @property
     def is_exact(self) -> bool:

@@ -112,9 +112,12 @@ class BlockRotation(nn.Module):
         self.module_dropout = config.module_dropout
         spec = config.parametrization_spec
         self.exact = spec.exact
+        self.scale = config.scale_for(block_size)
         stored_blocks = 1 if config.block_share else num_blocks
         initialise = spec.identity_init if config.init_weights else spec.random_init
-        self.weight = nn.Parameter(initialise(stored_blocks, block_size, config.num_reflections))
+        self.weight = nn.Parameter(
+            initialise(stored_blocks, block_size, config.num_reflections, scale=self.scale)
+        )
         self._cache: Optional[tuple[tuple, torch.Tensor]] = None
 
     def extra_repr(self) -> str:
@@ -134,6 +137,7 @@ class BlockRotation(nn.Module):
             neumann_terms=self.neumann_terms,
             max_angle=self.max_angle,
             compute_dtype=self.weight.dtype,
+            scale=self.scale,
         )
         self._cache = None if needs_graph else (key, result)
         return result
@@ -153,10 +157,25 @@ class BlockRotation(nn.Module):
             return rotations.invert_blocks(self.blocks(), self.exact)
 
 
+class FeatureScale(nn.Module):
+    """A learnable per-output-feature scale ``s`` (``OrthoConfig(magnitude=True)``), initialised to 1.
+
+    It multiplies the layer's output after the rotation, ``y = s * R f(x)``, and merges into the weight rows. It
+    lets an adapter change feature norms, which a rotation alone cannot.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}"
+
+
 class OrthoLayer(BaseTunerLayer):
     """Shared logic of all orthora layers: per-adapter rotations keyed by adapter name, as PEFT's layers do."""
 
-    adapter_layer_names: tuple[str, ...] = ("ortho_out", "ortho_in")
+    adapter_layer_names: tuple[str, ...] = ("ortho_out", "ortho_in", "ortho_magnitude")
     other_param_names: tuple[str, ...] = ()
     #: "auto": fold exact rotations into the frozen weight when that is cheaper (see rotations.folding_is_cheaper);
     #: "never": always rotate activations; "always": fold whenever possible (tests, benchmarks).
@@ -166,6 +185,7 @@ class OrthoLayer(BaseTunerLayer):
         self.base_layer = base_layer
         self.ortho_out = nn.ModuleDict({})
         self.ortho_in = nn.ModuleDict({})
+        self.ortho_magnitude = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters = []
         self.kind = layer_kind(self.get_base_layer())
@@ -183,11 +203,15 @@ class OrthoLayer(BaseTunerLayer):
         if config.side in ("input", "both"):
             k, b = block_shape(self.in_features, config, "input")
             self.ortho_in[adapter_name] = BlockRotation(self.in_features, k, b, config)
+        if config.magnitude:
+            self.ortho_magnitude[adapter_name] = FeatureScale(self.out_features)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _adapter_rotations(self, adapter_name: str) -> list[BlockRotation]:
-        return [table[adapter_name] for table in (self.ortho_out, self.ortho_in) if adapter_name in table]
+    def _adapter_rotations(self, adapter_name: str) -> list[nn.Module]:
+        """Every module holding ``adapter_name``'s parameters in this layer (rotations and magnitude)."""
+        tables = (self.ortho_out, self.ortho_in, self.ortho_magnitude)
+        return [table[adapter_name] for table in tables if adapter_name in table]
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         """Move the adapter to the base layer's device only; its dtype is set by ``cast_adapter_dtype``.
@@ -224,7 +248,7 @@ class OrthoLayer(BaseTunerLayer):
         )
 
     def _has_adapter(self, name: str) -> bool:
-        return name in self.ortho_out or name in self.ortho_in
+        return name in self.ortho_out or name in self.ortho_in or name in self.ortho_magnitude
 
     # ------------------------------------------------------------------------------------------------ forward
     def _rotate_features(
@@ -247,7 +271,17 @@ class OrthoLayer(BaseTunerLayer):
             if name in self.ortho_out:
                 rot = self.ortho_out[name]
                 y = self._rotate_features(y, rot, rot.forward_blocks())
+            if name in self.ortho_magnitude:
+                y = self._scale_features(y, self.ortho_magnitude[name].weight)
         return y
+
+    def _scale_features(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv2d":  # channels are dim 1
+            return y * scale.to(y.dtype).view(-1, 1, 1)
+        return y * scale.to(y.dtype)
+
+    def _acts_on_output(self, name: str) -> bool:
+        return name in self.ortho_out or name in self.ortho_magnitude
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -288,7 +322,7 @@ class OrthoLayer(BaseTunerLayer):
         if type(base) not in (nn.Linear, Conv1D) or base.weight.requires_grad:
             return False  # quantized or otherwise special layers keep their own forward; trained weights too
         rots = [t[names[0]] for t in (self.ortho_out, self.ortho_in) if names[0] in t]
-        if not all(r.exact for r in rots):
+        if not rots or not all(r.exact for r in rots):
             return False
         if self.fold_policy == "always":
             return True
@@ -305,13 +339,16 @@ class OrthoLayer(BaseTunerLayer):
         """One matmul with ``R_out W R_in`` (folded per call) instead of rotating activations."""
         base = self.get_base_layer()
         out_rot, in_rot = self._rotations(name)
-        return rotations.folded_linear(
+        result = rotations.folded_linear(
             x,
             self._weight_out_in(base.weight),
             base.bias,
             out_rot.forward_blocks() if out_rot is not None else None,
             in_rot.forward_blocks() if in_rot is not None else None,
         )
+        if name in self.ortho_magnitude:
+            result = self._scale_features(result, self.ortho_magnitude[name].weight)
+        return result
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
@@ -331,10 +368,10 @@ class OrthoLayer(BaseTunerLayer):
                 if name in self.ortho_in:
                     x[ix] = self._apply_input(x[ix], [name]).to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
-        if any(n in self.ortho_out for n in groups):
+        if any(self._acts_on_output(n) for n in groups):
             result = result.clone()
             for name, ix in index.items():
-                if name in self.ortho_out:
+                if self._acts_on_output(name):
                     result[ix] = self._apply_output(result[ix], [name]).to(result.dtype)
         return result
 
@@ -361,6 +398,18 @@ class OrthoLayer(BaseTunerLayer):
             if bias is not None:
                 bias = rotations.rotate(bias, out_blocks, exact=False)
         return self._weight_out_in(w), bias
+
+    def _scale_weight(
+        self, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(diag(s) W, s * b)`` in the weight's storage layout: output features are rows of a Linear/Conv2d
+        weight and columns of a Conv1D or Embedding weight."""
+        scale = scale.detach().to(weight.dtype)
+        if self.kind in ("conv1d", "embedding"):
+            weight = weight * scale
+        else:
+            weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+        return weight, None if bias is None else bias * scale.to(bias.dtype)
 
     def _write_base(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         base = self.get_base_layer()
@@ -391,6 +440,8 @@ class OrthoLayer(BaseTunerLayer):
                 out_blocks, in_blocks = (r.blocks() if r is not None else None for r in self._rotations(name))
                 weight, bias = self._base_float32()
                 weight, bias = self._fold(weight, bias, out_blocks, in_blocks)
+                if name in self.ortho_magnitude:
+                    weight, bias = self._scale_weight(weight, bias, self.ortho_magnitude[name].weight)
             if safe_merge and not (
                 torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
             ):
@@ -419,11 +470,19 @@ class OrthoLayer(BaseTunerLayer):
             self.merge(adapter_names=later)
 
     def _undo_last_merge(self) -> str:
-        name = self.merged_adapters.pop()
+        name = self.merged_adapters[-1]
+        if name in self.ortho_magnitude and (self.ortho_magnitude[name].weight.abs() < 1e-12).any():
+            raise ValueError(
+                f"cannot unmerge adapter {name!r}: its magnitude has entries at 0, so the merged weights lost those "
+                "features' directions; reload the base model instead"
+            )
+        self.merged_adapters.pop()
         if self._has_adapter(name):
             out_inv, in_inv = (r.inverse_blocks() if r is not None else None for r in self._rotations(name))
             with torch.no_grad():
                 weight, bias = self._base_float32()
+                if name in self.ortho_magnitude:
+                    weight, bias = self._scale_weight(weight, bias, 1 / self.ortho_magnitude[name].weight)
                 weight, bias = self._fold(weight, bias, out_inv, in_inv)
             self._write_base(weight, bias)
         return name
@@ -434,6 +493,8 @@ class OrthoLayer(BaseTunerLayer):
             out_blocks, in_blocks = (r.blocks() if r is not None else None for r in self._rotations(adapter))
             weight, bias = self._base_float32()
             merged, _ = self._fold(weight, bias, out_blocks, in_blocks)
+            if adapter in self.ortho_magnitude:
+                merged, _ = self._scale_weight(merged, None, self.ortho_magnitude[adapter].weight)
         return merged - weight
 
     # PEFT calls these for every method; rotations have no scale to change

@@ -37,10 +37,10 @@ def discard_adapter(model: nn.Module, adapter_name: str) -> None:
             if not isinstance(child, OrthoLayer):
                 continue
             child.unmerge_one(adapter_name)
-            for table in (child.ortho_out, child.ortho_in):
+            for table in (getattr(child, table_name) for table_name in child.adapter_layer_names):
                 if adapter_name in table:
                     del table[adapter_name]
-            if not child.ortho_out and not child.ortho_in and not child.merged:
+            if not any(getattr(child, n) for n in child.adapter_layer_names) and not child.merged:
                 setattr(parent, child_name, child.get_base_layer())
             elif adapter_name in child.active_adapters:
                 remaining = sorted(set(child.ortho_out) | set(child.ortho_in))

@@ -10,6 +10,7 @@ reuse from the layers, the merge path and the benchmarks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -164,6 +165,7 @@ class Parametrization:
     ``map_generator``: ``(skew generator, neumann_terms) -> blocks`` for the maps whose parameters are the strict
     upper triangle of a skew-symmetric generator (``max_angle`` applies to those); None for Householder, whose
     parameters are ``num_reflections`` reflection vectors per block.
+    ``generator_gain``: how fast the block leaves the identity per unit of generator (``R ~ I + gain * A``).
     ``safe_radius``: the generator is scaled so that an upper bound of its spectral norm stays within this radius
     (see :func:`limit_generator`), where the map is accurate in float32 whatever an optimizer does to the parameters.
     """
@@ -173,6 +175,7 @@ class Parametrization:
     description: str
     map_generator: Callable[[torch.Tensor, int], torch.Tensor] | None = field(default=None, repr=False)
     safe_radius: float | None = None
+    generator_gain: float = 1.0
 
     @property
     def uses_generator(self) -> bool:
@@ -191,7 +194,7 @@ class Parametrization:
         return (num_blocks, num_reflections, block_size)
 
     def identity_init(
-        self, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None
+        self, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None, scale: float = 1.0
     ) -> torch.Tensor:
         """Parameters whose blocks are exactly the identity.
 
@@ -204,24 +207,50 @@ class Parametrization:
             raise ValueError(
                 f"num_reflections={num_reflections} is odd; the identity initialisation pairs equal reflections"
             )
-        half = torch.randn(num_blocks, num_reflections // 2, block_size, generator=generator)
+        half = torch.randn(num_blocks, num_reflections // 2, block_size, generator=generator) / scale
         return half.repeat_interleave(2, dim=1)
 
     def random_init(
-        self, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None
+        self, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None, scale: float = 1.0
     ) -> torch.Tensor:
         """Parameters of random (non-identity) blocks, for tests: small generators, or random reflections."""
         shape = self.param_shape(num_blocks, block_size, num_reflections)
         noise = torch.randn(shape, generator=generator)
-        return 0.1 * noise if self.uses_generator else noise
+        return (0.1 * noise if self.uses_generator else noise) / scale
+
+    def auto_scale(self, block_size: int) -> float:
+        """The generator scale that makes one optimizer step the same rotation whatever the block size.
+
+        Adam moves every free parameter by about the learning rate ``lr`` per step. A ``b x b`` skew generator has
+        ``b(b-1)/2`` of them, so unscaled its RMS rotation angle per plane grows like ``lr * sqrt(b)``; scaling the
+        generator by ``1/sqrt(b)`` makes it ``~lr`` radians for every ``b``. Householder vectors are normalised, and
+        a step of ``lr`` per entry on a vector of norm ``~sqrt(b)`` already turns it by ``~lr`` whatever ``b``, and a
+        pair of reflections turns its plane by about twice the angle between its two vectors.
+        ``generator_gain`` corrects for maps that turn faster per step (Cayley: ``R ~ I - 2A``; Householder pairs).
+        """
+        if self.uses_generator:
+            return 1.0 / (self.generator_gain * math.sqrt(block_size))
+        return 1.0 / self.generator_gain
 
     def build(
-        self, params: torch.Tensor, block_size: int, *, neumann_terms: int = 5, max_angle: float | None = None
+        self,
+        params: torch.Tensor,
+        block_size: int,
+        *,
+        neumann_terms: int = 5,
+        max_angle: float | None = None,
+        scale: float = 1.0,
     ) -> torch.Tensor:
-        """Parameters -> ``(k, b, b)`` blocks, in the parameters' dtype (see :func:`orthogonal_blocks`)."""
+        """Parameters -> ``(k, b, b)`` blocks, in the parameters' dtype (see :func:`orthogonal_blocks`).
+
+        ``scale`` multiplies the skew generator (see :meth:`auto_scale`); Householder blocks do not depend on the
+        length of their vectors, so for them the scale acts only through the initial parameters (divided by it).
+        """
         if self.map_generator is None:
             return householder(params)
         generator = skew_symmetric(params, block_size)
+        if scale != 1.0:
+            generator = generator * scale
         if max_angle is not None:
             generator = constrain_generator(generator, max_angle)
         if self.safe_radius is not None:
@@ -244,7 +273,7 @@ PARAMETRIZATIONS: dict[str, Parametrization] = {
     spec.name: spec
     for spec in (
         Parametrization(
-            "cayley", True, "exact, Cayley map by Cholesky", lambda a, _terms: cayley(a), EXACT_MAX_NORM
+            "cayley", True, "exact, Cayley map by Cholesky", lambda a, _terms: cayley(a), EXACT_MAX_NORM, 2.0
         ),
         Parametrization(
             "cayley_neumann",
@@ -252,11 +281,12 @@ PARAMETRIZATIONS: dict[str, Parametrization] = {
             "truncated Neumann series of the same Cayley map: faster, approximately orthogonal",
             cayley_neumann,
             NEUMANN_MAX_NORM,
+            2.0,
         ),
         Parametrization(
             "exp", True, "exact, matrix exponential", lambda a, _terms: exponential(a), EXACT_MAX_NORM
         ),
-        Parametrization("householder", True, "exact, product of reflections"),
+        Parametrization("householder", True, "exact, product of reflections", generator_gain=2.5),
     )
 }
 
@@ -284,6 +314,7 @@ def orthogonal_blocks(
     neumann_terms: int = 5,
     max_angle: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """Free parameters -> ``(k, b, b)`` orthogonal blocks, computed in ``compute_dtype`` (float32 by default).
 
@@ -296,7 +327,11 @@ def orthogonal_blocks(
     # an enclosing autocast would run the block products in bf16/fp16 and lose orthogonality: keep it off here
     with torch.autocast(device_type=params.device.type, enabled=False):
         return spec.build(
-            params.to(compute_dtype), block_size, neumann_terms=neumann_terms, max_angle=max_angle
+            params.to(compute_dtype),
+            block_size,
+            neumann_terms=neumann_terms,
+            max_angle=max_angle,
+            scale=scale,
         )
 
 
