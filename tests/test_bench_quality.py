@@ -14,10 +14,11 @@ from orthora.bench import quality
 from orthora.bench.budgets import MethodSpec
 
 
-def record(method, task, lr, seed, score, target_set="encoder", forgetting=10.0):
+def record(method, task, lr, seed, score, target_set="encoder", forgetting=10.0, fingerprint="f"):
     metric = quality.TASK_METRICS[task]
     return {
         "target_set": target_set,
+        "fingerprint": fingerprint,
         "task": task,
         "method": method,
         "lr": lr,
@@ -65,8 +66,12 @@ def test_lr_search_extends_past_a_best_edge_and_stops_inside():
 
 def test_pending_searches_seed0_everywhere_first_then_repeats_at_the_chosen_lr():
     method = quality.QualityMethod("m", MethodSpec("m", "lora", {}), "matched", (1e-3, 3e-3, 1e-2))
-    done = [record("m", "sst2", lr, 0, s) for lr, s in ((1e-3, 0.7), (3e-3, 0.9), (1e-2, 0.8))]
-    todo = quality.pending(done, [method], ["sst2", "rte"], ["encoder"], [0, 1, 2])
+    fp = method.fingerprint
+    done = [
+        record("m", "sst2", lr, 0, s, fingerprint=fp) for lr, s in ((1e-3, 0.7), (3e-3, 0.9), (1e-2, 0.8))
+    ]
+    stale = [record("m", "rte", lr, 0, 0.9, fingerprint="older") for lr in (1e-3, 3e-3, 1e-2)]
+    todo = quality.pending(done + stale, [method], ["sst2", "rte"], ["encoder"], [0, 1, 2])
     keys = [(k.task, k.lr, k.seed) for k, _ in todo]
     assert keys == [
         ("rte", 1e-3, 0),
@@ -75,7 +80,7 @@ def test_pending_searches_seed0_everywhere_first_then_repeats_at_the_chosen_lr()
         ("sst2", 3e-3, 1),
         ("sst2", 3e-3, 2),
     ]
-    assert all(m is method for _, m in todo)
+    assert all(m is method and k.fingerprint == fp for k, m in todo)  # runs of another config never count
 
 
 def test_summary_means_stds_failed_settings_and_paired_differences():
@@ -162,9 +167,16 @@ def test_sweep_end_to_end_writes_one_record_per_run_with_forgetting(tmp_path, ti
     kwargs = dict(protocol=protocol, data_dir=tmp_path / "data", runs_dir=runs_dir, log=logged.append)
     assert quality.run_sweep([method], ["sst2"], ["encoder"], [0, 1], max_runs=2, **kwargs) == 2
     files = sorted(p.name for p in runs_dir.glob("*.json"))
-    assert files == ["encoder__sst2__orthora__lr0.01__s0.json", "encoder__sst2__orthora__lr0.03__s0.json"]
+    fp = method.fingerprint
+    assert files == [
+        f"encoder__sst2__orthora__{fp}__lr0.01__s0.json",
+        f"encoder__sst2__orthora__{fp}__lr0.03__s0.json",
+    ]
     rec = json.loads((runs_dir / files[0]).read_text())
     assert rec["adapter"]["block_size"] == 16 and rec["adapter"]["target_modules"]
+    assert (
+        rec["resolved_adapter"]["block_size"] == 16 and rec["resolved_adapter"]["parametrization"] == "cayley"
+    )
     assert 0.0 <= rec["score"] <= 1.0 and rec["metrics"]["accuracy"] == rec["score"]
     assert rec["forgetting"] == pytest.approx(rec["sts_base"] - rec["sts_zero_shot"])
     assert not list(runs_dir.glob("*.claim")) and not list(runs_dir.glob(".*.tmp"))
@@ -176,12 +188,12 @@ def test_sweep_end_to_end_writes_one_record_per_run_with_forgetting(tmp_path, ti
 def test_quality_profile_cli_renders_finished_runs(tmp_path):
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()
+    fp = quality.method_table(quality.TARGET_SETS["encoder"])["lora"].fingerprint
     for seed in (0, 1, 2):
         for lr, score in ((3e-4, 0.7), (1e-3, 0.8), (3e-3, 0.75)):
-            rec = record("lora", "sst2", lr, seed, score + 0.01 * seed)
-            quality.write_atomic(
-                runs_dir / quality.RunKey("encoder", "sst2", "lora", lr, seed).file_name, rec
-            )
+            rec = record("lora", "sst2", lr, seed, score + 0.01 * seed, fingerprint=fp)
+            key = quality.RunKey("encoder", "sst2", "lora", fp, lr, seed)
+            quality.write_atomic(runs_dir / key.file_name, rec)
     data = tmp_path / "data"
     _tiny_data(data)
     out = subprocess.run(

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
@@ -26,6 +28,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
+
+from orthora.train.adapters import build_adapter_config
 
 from .budgets import MethodSpec, matched_methods, targeted_widths, trainable_params
 from .models import BERT_TARGETS, minilm_path
@@ -62,6 +66,20 @@ class QualityMethod:
     spec: MethodSpec
     tier: str  # "matched" (LoRA r=8's budget) or "half"
     start_lrs: tuple[float, ...] = DEFAULT_START_LRS
+
+    @functools.cached_property
+    def resolved_config(self) -> dict[str, Any]:
+        """The adapter config this method trains with, every default filled in (targets and task left out)."""
+        config = build_adapter_config(self.spec.kind, dict(self.spec.kwargs), task_type=None).to_dict()
+        for key in ("target_modules", "task_type", "base_model_name_or_path", "revision", "inference_mode"):
+            config.pop(key, None)
+        return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short hash of `resolved_config`: runs of an older default (e.g. ``orthora`` before a default changed)
+        have another fingerprint, so they are never mixed with the current one."""
+        return hashlib.sha1(json.dumps(self.resolved_config, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def parse_method_name(name: str) -> tuple[str, dict[str, Any]]:
@@ -162,13 +180,14 @@ class RunKey:
     target_set: str
     task: str
     method: str
+    fingerprint: str
     lr: float
     seed: int
 
     @property
     def file_name(self) -> str:
         safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in self.method)
-        return f"{self.target_set}__{self.task}__{safe}__lr{self.lr:g}__s{self.seed}.json"
+        return f"{self.target_set}__{self.task}__{safe}__{self.fingerprint}__lr{self.lr:g}__s{self.seed}.json"
 
 
 @dataclasses.dataclass
@@ -320,6 +339,7 @@ def run_one(key: RunKey, method: QualityMethod, protocol: Protocol, data_dir: Pa
         **dataclasses.asdict(key),
         "method_kind": method.spec.kind,
         "adapter": result["config"]["adapter"],
+        "resolved_adapter": method.resolved_config,
         "tier": method.tier,
         "targets": list(TARGET_SETS[key.target_set]),
         "metrics": final,
@@ -418,23 +438,22 @@ def pending(
     """
     grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in done:
-        grouped[(r["target_set"], r["task"], r["method"])].append(r)
+        grouped[(r["target_set"], r["task"], r["method"], r.get("fingerprint"))].append(r)
     search, repeats = [], []
     for target_set in target_sets:
         for task in tasks:
             for method in methods:
-                runs = grouped[(target_set, task, method.name)]
+                runs = grouped[(target_set, task, method.name, method.fingerprint)]
+                key = functools.partial(RunKey, target_set, task, method.name, method.fingerprint)
                 lrs = next_lrs(runs, method.start_lrs)
                 if lrs:
-                    search += [(RunKey(target_set, task, method.name, lr, 0), method) for lr in lrs]
+                    search += [(key(lr, 0), method) for lr in lrs]
                     continue
                 lr = best_lr(runs)
                 if lr is None:
                     continue
                 have = {r["seed"] for r in runs if r["lr"] == lr}
-                repeats += [
-                    (RunKey(target_set, task, method.name, lr, s), method) for s in seeds if s not in have
-                ]
+                repeats += [(key(lr, s), method) for s in seeds if s not in have]
     return search + repeats
 
 
@@ -511,6 +530,7 @@ def run_sweep(
                         **dataclasses.asdict(key),
                         "score": None,
                         "error": f"{type(err).__name__}: {err}",
+                        "resolved_adapter": method.resolved_config,
                     }
                 write_atomic(runs_dir / key.file_name, record)
             finally:
@@ -779,16 +799,24 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
     runs_dir = Path(args.runs_dir)
     seeds = [int(s) for s in _split(args.seeds)]
     names = _split(args.quality_methods)
+    methods = {ts: [resolve_method(n, TARGET_SETS[ts]) for n in names] for ts in target_sets}
     if not args.render:
         for target_set in target_sets:
-            methods = [resolve_method(n, TARGET_SETS[target_set]) for n in names]
             run_sweep(
-                methods, tasks, [target_set], seeds, protocol, data_dir, runs_dir, max_runs=args.max_runs
+                methods[target_set],
+                tasks,
+                [target_set],
+                seeds,
+                protocol,
+                data_dir,
+                runs_dir,
+                max_runs=args.max_runs,
             )
+    current = {(ts, m.name, m.fingerprint) for ts, ms in methods.items() for m in ms}
     runs = [
         r
         for r in load_runs(runs_dir)
-        if r["task"] in tasks and r["target_set"] in target_sets and r["method"] in names
+        if r["task"] in tasks and (r["target_set"], r["method"], r.get("fingerprint")) in current
     ]
     trivial = {t: trivial_score(t, data_dir, args.eval_samples) for t in tasks}
     summary = summarize(runs, tasks, trivial)
