@@ -128,12 +128,6 @@ class OrthoConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex to leave untouched."}
     )
-    fan_in_fan_out: bool = field(
-        default=False,
-        metadata={
-            "help": "Set to True for layers that store weights as (fan_in, fan_out), e.g. GPT-2's Conv1D."
-        },
-    )
     bias: Literal["none", "all", "ortho_only"] = field(
         default="none",
         metadata={"help": "Which biases to train: 'none', 'all' or 'ortho_only' (targeted layers)."},

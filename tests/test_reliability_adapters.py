@@ -196,3 +196,19 @@ def test_a_failure_midway_through_injection_rolls_back_the_modules_already_injec
         warnings.simplefilter("ignore")
         model.unmerge_adapter()
     assert_close_weights(base_weights(model), original)
+
+
+def test_fan_in_fan_out_is_not_an_option_and_old_configs_with_it_still_load(tmp_path, ids):
+    """GPT-2's Conv1D layout is read from the layer type; the flag was never read, so it is gone."""
+    with pytest.raises(TypeError, match="fan_in_fan_out"):
+        OrthoConfig(target_modules=TARGETS, fan_in_fan_out=True)
+    model, _ = two_adapter_model()
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config_file.write_text(config_file.read_text().replace('"bias":', '"fan_in_fan_out": false, "bias":', 1))
+    from peft import PeftModel
+
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        loaded = PeftModel.from_pretrained(tiny_bert(hidden=32), tmp_path / "a", adapter_name="a").eval()
+    model.base_model.set_adapter("a")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
