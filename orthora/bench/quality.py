@@ -71,7 +71,14 @@ class QualityMethod:
     def resolved_config(self) -> dict[str, Any]:
         """The adapter config this method trains with, every default filled in (targets and task left out)."""
         config = build_adapter_config(self.spec.kind, dict(self.spec.kwargs), task_type=None).to_dict()
-        for key in ("target_modules", "task_type", "base_model_name_or_path", "revision", "inference_mode"):
+        for key in (
+            "target_modules",
+            "task_type",
+            "base_model_name_or_path",
+            "revision",
+            "inference_mode",
+            "peft_version",
+        ):
             config.pop(key, None)
         return json.loads(json.dumps(config, sort_keys=True, default=str))
 
@@ -154,7 +161,12 @@ def resolve_method(name: str, targets: Sequence[str]) -> QualityMethod:
     if not extra:
         return method
     spec = MethodSpec(name, method.spec.kind, {**method.spec.kwargs, **extra})
-    return QualityMethod(name, spec, method.tier, method.start_lrs)
+    start = method.start_lrs
+    if (
+        spec.kwargs.get("generator_scale") == "auto"
+    ):  # rotations learn ~10x slower per unit of LR: start higher
+        start = tuple(lr * 10 / 3 for lr in start)
+    return QualityMethod(name, spec, method.tier, tuple(float(f"{lr:.0e}") for lr in start))
 
 
 def minilm_widths(targets: Sequence[str]) -> list[tuple[int, int]]:
