@@ -6,14 +6,13 @@ reported before any weight is touched. Checks that need layer widths run in the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
+from safetensors import SafetensorError, safe_open
 
 from ._peft_compat import ORTHORA_PEFT_TYPE
 from .rotations import PARAMETRIZATIONS, Parametrization, get_parametrization
@@ -278,28 +277,16 @@ class OrthoConfig(PeftConfig):
 
 
 def check_safetensors_file(path: str) -> None:
-    """Raise a ValueError naming ``path`` if it is not a complete safetensors file (header and every tensor's bytes)."""
-    size = os.path.getsize(path)
+    """Raise a ValueError naming ``path`` if it is not a complete safetensors file (header and every tensor's bytes).
 
-    def corrupt(reason: str) -> ValueError:
-        return ValueError(
-            f"adapter weights file {path} is corrupt or truncated ({reason}); save or download the adapter again"
-        )
-
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise corrupt(f"{size} bytes, too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > size - 8:
-            raise corrupt(f"header claims {header_len} bytes but the file has {size}")
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise corrupt(f"unreadable header: {err}") from None
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    expected = 8 + header_len + max(ends, default=0)
-    if size < expected:
-        raise corrupt(f"{size} bytes on disk, {expected} expected")
+    safetensors' own reader validates the header and that the tensors cover the file exactly; its reason is kept.
+    """
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()
+    except SafetensorError as err:
+        reason = str(err).removeprefix("Error while deserializing header: ")
+        raise ValueError(
+            f"adapter weights file {path} is corrupt or truncated ({reason}; {os.path.getsize(path)} bytes on "
+            "disk); save or download the adapter again"
+        ) from None

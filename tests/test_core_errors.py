@@ -156,11 +156,12 @@ def test_loading_a_second_adapter_that_does_not_fit_keeps_the_first(tmp_path):
     assert torch.equal(model(input_ids=batch["input_ids"]).logits, expected)
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda data: data[: len(data) - 10], "bytes on disk"),
-    (lambda data: data[:5], "too short for a safetensors header"),
-    (lambda data: b"\xff" * 8 + data[8:], "header claims"),
-    (lambda data: data[:8] + b"{not json" + data[17:], "unreadable header"),
+@pytest.mark.parametrize("damage, reason", [  # the reasons are safetensors' own reader's
+    (lambda data: data[: len(data) - 10], "file not fully covered"),
+    (lambda data: data + b"\0" * 10, "file not fully covered"),
+    (lambda data: data[:5], "header too small; 5 bytes on disk"),
+    (lambda data: b"\xff" * 8 + data[8:], "header too large"),
+    (lambda data: data[:8] + b"{not json" + data[17:], "invalid JSON in header"),
 ])
 def test_truncated_or_corrupt_adapter_file_is_named_before_the_model_is_touched(tmp_path, damage, reason):
     path = _saved_adapter(tmp_path, block_size=16)
