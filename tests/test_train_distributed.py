@@ -134,15 +134,38 @@ def test_gradient_accumulation_matches_the_large_batch(tiny_train_models, task_f
     assert json.loads((tmp_path / "acc" / "results.json").read_text())["completed_steps"] == 3
 
 
-def test_bf16_autocast_run(tiny_train_models, task_files, tmp_path):
-    """Mixed precision is a config value; a later run in the same process may choose another one."""
+def test_bf16_autocast_run(tiny_train_models, task_files, tmp_path, monkeypatch):
+    """bf16 really runs the adapted layers in bf16 (and fp32 does not), and the trained weights stay finite.
+
+    Mixed precision is a config value; a later run in the same process may choose another one.
+    """
+    from orthora.layer import OrthoLayer
+
+    seen: list[tuple[bool, torch.dtype]] = []
+    forward = OrthoLayer.forward
+
+    def recording_forward(self, x, *args, **kwargs):
+        out = forward(self, x, *args, **kwargs)
+        if self.training:
+            seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+    monkeypatch.setattr(OrthoLayer, "forward", recording_forward)
     train, dev = task_files("sst2", 16, 8)
     common = [
         "--task_name", "sst2", "--model_name_or_path", tiny_train_models["bert"], "--train_file", train,
         "--validation_file", dev, "--adapter", "{block_size: 16, target_modules: [query, value]}",
         "--max_train_steps", "2", "--per_device_train_batch_size", "8", "--report_to", "none",
+        "--learning_rate", "1e-2",
     ]  # fmt: skip
     assert main([*common, "--mixed_precision", "bf16", "--output_dir", str(tmp_path / "bf16")]) == 0
     assert json.loads((tmp_path / "bf16" / "results.json").read_text())["mixed_precision"] == "bf16"
+    assert seen and set(seen) == {(True, torch.bfloat16)}, set(seen)
+    weights = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
+    rotations = [v for k, v in weights.items() if "ortho_" in k]
+    assert rotations and all(torch.isfinite(v).all() for v in weights.values())
+    assert all(v.dtype == torch.float32 for v in rotations) and any(v.abs().max() > 0 for v in rotations)
+    seen.clear()
     assert main([*common, "--mixed_precision", "no", "--output_dir", str(tmp_path / "fp32")]) == 0
     assert json.loads((tmp_path / "fp32" / "results.json").read_text())["mixed_precision"] == "no"
+    assert seen and set(seen) == {(False, torch.float32)}, set(seen)
