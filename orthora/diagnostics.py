@@ -296,6 +296,11 @@ def layer_report(
                 f"{name}: no diagnostics for {type(module).__name__}; supported are orthora, PEFT LoRA and PEFT OFT layers"
             )
         for adapter in adapters:
+            if adapter in getattr(module, "merged_adapters", ()):
+                raise ValueError(
+                    f"{name}: adapter {adapter!r} is merged into the base weights, so the base weights are no longer "
+                    "known; call unmerge_adapter() before layer_report"
+                )
             for row in _ROWS_BY_METHOD[method](module, adapter, energy, max_neurons):
                 rows.append({"module": _module_name(name), "adapter": adapter, **row})
     if adapter_name is not None and adapter_name not in known:

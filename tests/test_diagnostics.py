@@ -206,3 +206,12 @@ def test_training_engine_logs_the_summary_at_each_evaluation(
     assert [e.step for e in changes] == [2, 4] and changes[-1].value > 0
     assert "diagnostics/hyperspherical_energy_base" in tags
     assert ("diagnostics/max_angle" in tags) == (method == "orthora")  # LoRA has no rotation angle
+
+
+def test_merged_adapter_is_refused_with_the_module_named():
+    model = _orthora(init_weights=False)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"layer.0.attention.self.query: adapter 'default' is merged"):
+        diagnostics.layer_report(model)
+    model.unmerge_adapter()
+    assert diagnostics.layer_report(model)[0]["relative_weight_change"] > 0
