@@ -374,13 +374,15 @@ class _RotateKeepOutput(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         y, blocks = ctx.saved_tensors
-        blocks_t = blocks.mT
+        # under autocast the forward product (so y and grad_y) may be bf16/fp16 while the blocks are float32, and
+        # backward runs outside autocast: rotate the gradient in its own dtype, accumulate dR in the blocks' dtype
+        blocks_t = blocks.mT.to(grad_y.dtype)
         grad_x = _rotate_rows(grad_y, blocks_t) if ctx.needs_input_grad[0] else None
         grad_blocks = None
         if ctx.needs_input_grad[1]:
             num_blocks, block_size, _ = blocks.shape
-            g = grad_y.reshape(-1, num_blocks, block_size)
-            yr = y.reshape(-1, num_blocks, block_size)
+            g = grad_y.reshape(-1, num_blocks, block_size).to(blocks.dtype)
+            yr = y.reshape(-1, num_blocks, block_size).to(blocks.dtype)
             # dL/dR_i = sum_n g_i^T x_i with x_i = y_i R_i, i.e. (sum_n g_i^T y_i) R_i: no need to recompute x
             grad_blocks = torch.bmm(torch.einsum("nkc,nkb->kcb", g, yr), blocks)
         return grad_x, grad_blocks

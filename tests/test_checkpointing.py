@@ -75,22 +75,11 @@ def test_checkpointing_other_maps(parametrization):
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-_AUTOCAST_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="known bug: under CPU bf16 autocast with float32 weights, the exact rotate path's backward "
-    "(rotations._RotateKeepOutput) gets a bf16 grad_y (its forward einsum ran in bf16) and float32 blocks; input "
-    "side only (the output side casts the blocks to the base output's dtype)",
-)
-
-
 @pytest.mark.parametrize(
     ("fold", "side"),
     [
         *[("always", side) for side in ("output", "input", "both")],
-        ("never", "output"),
-        pytest.param("never", "input", marks=_AUTOCAST_BUG),
-        pytest.param("never", "both", marks=_AUTOCAST_BUG),
+        *[("never", side) for side in ("output", "input", "both")],
     ],
 )
 def test_checkpointing_under_bf16_autocast(fold, side, monkeypatch):
