@@ -451,7 +451,12 @@ class _Run:
         parts = []
         if not torch.isfinite(window_loss):
             parts.append(f"the loss is {window_loss.item()}")
-            module = first_nonfinite_module(accelerator.unwrap_model(self.model), batch)
+            module = None
+            if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                try:  # a best-effort diagnosis: it must never hide the report itself
+                    module = first_nonfinite_module(accelerator.unwrap_model(self.model), batch)
+                except Exception as err:
+                    logger.warning("could not re-run the batch to locate the non-finite output: %s", err)
             if module:
                 parts.append(f"the first non-finite output comes from module {module}")
         bad = [
