@@ -503,7 +503,8 @@ def download_adapter(
         folder = snapshot_download(
             repo_id, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=ADAPTER_PATTERNS
         )
-    read_adapter_config(folder)
+    if not (Path(folder) / ADAPTER_CONFIG).is_file():
+        raise HubError(f"Hub repo {repo_id!r} has no {ADAPTER_CONFIG}: is it an adapter repo?")
     return folder
 
 

@@ -176,6 +176,12 @@ def test_pull_errors_are_one_line_and_leave_no_partial_file(fake_hub, case, mess
             assert path.read_bytes() in fake_hub.files("alice/tiny-orthora").values()
 
 
+def test_a_repo_without_an_adapter_is_named(fake_hub, tmp_path):
+    push_base_model(tmp_path)
+    with pytest.raises(hub.HubError, match=f"Hub repo '{BASE_REPO}' has no adapter_config.json"):
+        hub.attach_adapter(tiny_bert(seed=0), BASE_REPO)
+
+
 def test_mismatched_base_model_fails_clearly_and_leaves_the_model_as_it_was(fake_hub):
     adapted_model().push_to_hub("alice/tiny-orthora", token=HUB_TOKEN)
     for wrong in (tiny_bert(seed=0, hidden=32), tiny_bert(seed=0, num_labels=3)):
