@@ -107,6 +107,7 @@ def test_method_sets_and_unknown_set():
         budgets.matched_methods(widths, 8, "nope")
 
 
+@pytest.mark.slow  # one subprocess per method (~45 s on 2 busy cores)
 def test_cost_rows_subprocess_workers(tmp_path):
     """Two methods in two worker subprocesses, interleaved: every column measured, finite and positive."""
     spec = models.ModelSpec("bert-tiny", batch=2, seq=16)
@@ -145,6 +146,7 @@ def test_cost_profile_dry_run_in_process(profile):
         assert _finite_positive(row["infer_merged_ratio"])
 
 
+@pytest.mark.slow  # 9 methods x 2 variants on a tiny decoder (~25 s)
 def test_llm_cpu_dry_run_every_exact_map_both_sides_with_and_without_checkpointing():
     """The llm-cpu path (Llama decoder, bf16 weights under bf16 autocast, gradient checkpointing on and off) for
     LoRA, both OFTs and orthora's exact maps on each side: every method trains, merges and is timed."""
