@@ -54,6 +54,7 @@ COMBINATION_TYPES = ("geodesic", "compose", "linear")
 _HALF_TURN_TOLERANCE = 1e-8
 
 SIDES = (("output", "ortho_out"), ("input", "ortho_in"))
+_TABLES = {**dict(SIDES), "magnitude": "ortho_magnitude"}
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
@@ -153,6 +154,7 @@ def exact_blocks(rotation: BlockRotation) -> torch.Tensor:
         neumann_terms=rotation.neumann_terms,
         max_angle=rotation.max_angle,
         compute_dtype=torch.float64,
+        scale=rotation.scale,
     )
 
 
@@ -190,7 +192,15 @@ def _check_layouts(tuner: OrthoModel, adapters: Sequence[str]) -> None:
                 )
 
 
-_LINEAR_MAP_FIELDS = ("parametrization", "num_reflections", "block_share", "max_angle", "neumann_terms")
+_LINEAR_MAP_FIELDS = (
+    "parametrization",
+    "num_reflections",
+    "block_share",
+    "max_angle",
+    "neumann_terms",
+    "generator_scale",
+    "magnitude",
+)
 
 
 def _check_request(
@@ -230,6 +240,13 @@ def _check_request(
                 f"adapter {adapter!r} uses parametrization='cayley_neumann', which is only approximately orthogonal; "
                 f"{combination_type} needs exact rotations (load it with parametrization='cayley', the exact map "
                 "the series approximates)"
+            )
+    if combination_type == "compose":
+        scaled = [a for a, c in zip(adapters, configs, strict=True) if c.magnitude]
+        if scaled:
+            raise ValueError(
+                f"compose cannot combine adapters with magnitude=True ({scaled}): s2 R2 s1 R1 is not of the form s R; "
+                "use combination_type='geodesic' or 'linear'"
             )
     if combination_type == "linear":
         for field in _LINEAR_MAP_FIELDS:
@@ -271,7 +288,12 @@ def _result_config(
             base, num_reflections=reflections, block_share=shared, init_weights=reflections % 2 == 0
         )
     return dataclasses.replace(
-        base, parametrization="exp", max_angle=None, block_share=shared, init_weights=True
+        base,
+        parametrization="exp",
+        max_angle=None,
+        block_share=shared,
+        init_weights=True,
+        magnitude=any(c.magnitude for c in configs),
     )
 
 
@@ -301,9 +323,15 @@ def _combined_parameters(
         return torch.cat(ordered, dim=1)
     blocks = [_expanded(exact_blocks(r), num_blocks, shared) for r in rotations_in]
     combined = combine_blocks(blocks, weights, kind, side)
-    parameters = generator_parameters(log_rotation(combined))
+    scale = config.scale_for(combined.shape[-1])
+    parameters = generator_parameters(log_rotation(combined)) / scale  # the map multiplies them by its scale
     stored = rotations.orthogonal_blocks(
-        parameters, config.parametrization, combined.shape[-1], compute_dtype=torch.float64
+        parameters,
+        config.parametrization,
+        combined.shape[-1],
+        max_angle=config.max_angle,
+        compute_dtype=torch.float64,
+        scale=scale,
     )
     error = float((stored - combined).abs().max())
     if error > 1e-6:  # e.g. a generator beyond the map's safe radius, which the map would scale down
@@ -312,6 +340,23 @@ def _combined_parameters(
             f"{error:.1e}); combine with smaller weights"
         )
     return parameters
+
+
+def _combined_magnitude(
+    scales: list[torch.Tensor | None], weights: list[float], kind: str, where: str
+) -> torch.Tensor:
+    """Per-feature scales ``s`` (``magnitude=True``; None = an adapter without one, i.e. ``s = 1``), combined like
+    the rotations: ``exp(sum w log s)`` on the geodesic (positive scales form a group too), ``sum w s`` for linear."""
+    reference = next(s for s in scales if s is not None)
+    values = [torch.ones_like(reference) if s is None else s.detach() for s in scales]
+    values = [v.to(torch.float64) for v in values]
+    if kind == "linear":
+        return sum(w * v for v, w in zip(values, weights, strict=True))
+    if any((v <= 0).any() for v in values):
+        raise ValueError(
+            f"{where}: a magnitude has entries <= 0, which have no logarithm; use combination_type='linear'"
+        )
+    return torch.exp(sum(w * torch.log(v) for v, w in zip(values, weights, strict=True)))
 
 
 def add_weighted_adapter(
@@ -340,6 +385,11 @@ def add_weighted_adapter(
                 new_parameters[(name, side)] = _combined_parameters(
                     inputs, weights, combination_type, side, new_config, f"{name} ({side} side)"
                 )
+        if any(a in module.ortho_magnitude for a in adapters):
+            scales = [
+                module.ortho_magnitude[a].weight if a in module.ortho_magnitude else None for a in adapters
+            ]
+            new_parameters[(name, "magnitude")] = _combined_magnitude(scales, weights, combination_type, name)
 
     from .model import discard_adapter
 
@@ -348,7 +398,7 @@ def add_weighted_adapter(
         tuner.inject_adapter(tuner.model, adapter_name)
         modules = dict(tuner.model.named_modules())
         for (name, side), parameters in new_parameters.items():
-            table = getattr(modules[name], dict(SIDES)[side])
+            table = getattr(modules[name], _TABLES[side])
             with torch.no_grad():
                 table[adapter_name].weight.copy_(parameters.to(table[adapter_name].weight.dtype))
             table[adapter_name].weight.requires_grad_(False)

@@ -175,6 +175,20 @@ def _orthora_rows(layer: OrthoLayer, adapter: str, energy: bool, max_neurons: in
                 ),
             }
             rows.append(row)
+        if adapter in layer.ortho_magnitude:  # magnitude=True: y = s * R f(x), a per-output-feature scale
+            scale = layer.ortho_magnitude[adapter].weight
+            adapted, _ = layer._scale_weight(weight, bias, scale)
+            rows.append(
+                {
+                    "side": "magnitude",
+                    "method": "orthora-magnitude",
+                    "trainable_params": scale.numel(),
+                    **_empty_rotation_columns(),
+                    **_weight_columns(
+                        layer._weight_out_in(weight), layer._weight_out_in(adapted), energy, max_neurons
+                    ),
+                }
+            )
     return rows
 
 

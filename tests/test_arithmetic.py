@@ -272,3 +272,42 @@ def test_a_result_the_exp_map_would_scale_down_is_refused():
     with pytest.raises(ValueError, match=r"layer.0.attention.self.query \(output side\).*cannot be stored"):
         model.add_weighted_adapter(["a"], [1.0], "copy", combination_type="geodesic")
     assert "copy" not in model.peft_config
+
+
+def test_generator_scale_is_honoured_by_inputs_and_result():
+    """With generator_scale='auto' the map multiplies the parameters; the combined adapter must undo that."""
+    model = _model({"generator_scale": "auto", "side": "both"})
+    model.add_weighted_adapter(["a"], [1.0], "one", combination_type="geodesic")
+    model.add_weighted_adapter(["a"], [0.5], "halfway", combination_type="geodesic")
+    model.add_weighted_adapter(["halfway", "halfway"], [1, 1], "twice", combination_type="compose")
+    assert model.peft_config["one"].generator_scale == "auto"
+    for side in ("output", "input"):
+        _assert_blocks_close(_blocks(model, "one", side), _blocks(model, "a", side))
+        _assert_blocks_close(_blocks(model, "twice", side), _blocks(model, "a", side))
+    torch.testing.assert_close(_logits(model, "one"), _logits(model, "a"), atol=1e-5, rtol=0)
+
+
+def _with_random_magnitude(model, name: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for layer in _layers(model):
+        scale = layer.ortho_magnitude[name].weight
+        with torch.no_grad():
+            scale.copy_(0.5 + torch.rand(scale.shape, generator=generator))
+
+
+def test_magnitudes_follow_the_geodesic_and_compose_refuses_them():
+    model = _model({"magnitude": True}, b={"magnitude": True})
+    _with_random_magnitude(model, "a", 1)
+    _with_random_magnitude(model, "b", 2)
+    model.add_weighted_adapter(["a"], [1.0], "one", combination_type="geodesic")
+    torch.testing.assert_close(_logits(model, "one"), _logits(model, "a"), atol=1e-5, rtol=0)
+    model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "mid", combination_type="geodesic")
+    model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "lin", combination_type="linear")
+    for layer in _layers(model):
+        s_a, s_b = layer.ortho_magnitude["a"].weight, layer.ortho_magnitude["b"].weight
+        torch.testing.assert_close(layer.ortho_magnitude["mid"].weight, (s_a * s_b).sqrt())
+        torch.testing.assert_close(layer.ortho_magnitude["lin"].weight, (s_a + s_b) / 2)
+    with pytest.raises(
+        ValueError, match=r"compose cannot combine adapters with magnitude=True \(\['a', 'b'\]\)"
+    ):
+        model.add_weighted_adapter(["a", "b"], [1, 1], "ab", combination_type="compose")

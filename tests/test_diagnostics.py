@@ -215,3 +215,16 @@ def test_merged_adapter_is_refused_with_the_module_named():
         diagnostics.layer_report(model)
     model.unmerge_adapter()
     assert diagnostics.layer_report(model)[0]["relative_weight_change"] > 0
+
+
+def test_magnitude_gets_its_own_row():
+    model = _orthora(magnitude=True)
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        layer.ortho_magnitude["default"].weight.fill_(2.0)
+    rows = [r for r in diagnostics.layer_report(model) if r["side"] == "magnitude"]
+    assert len(rows) == 4 and rows[0]["method"] == "orthora-magnitude" and rows[0]["trainable_params"] == 64
+    assert rows[0]["relative_weight_change"] == pytest.approx(1.0)  # W' = 2 W
+    assert rows[1]["relative_weight_change"] == 0 and rows[0]["max_angle"] is None
+    # scaling a neuron does not move its direction: the energy is unchanged
+    assert rows[0]["hyperspherical_energy_adapted"] == pytest.approx(rows[0]["hyperspherical_energy_base"])
