@@ -311,3 +311,19 @@ def test_magnitudes_follow_the_geodesic_and_compose_refuses_them():
         ValueError, match=r"compose cannot combine adapters with magnitude=True \(\['a', 'b'\]\)"
     ):
         model.add_weighted_adapter(["a", "b"], [1, 1], "ab", combination_type="compose")
+
+
+def test_the_riemannian_geodesic_between_two_adapters_from_inverse_compose_and_power():
+    """R_a (R_a^T R_b)^t on both sides, built only from add_weighted_adapter calls (the recipe in the docs)."""
+    t = 0.3
+    model = _model({"side": "both"}, b={"side": "both"})
+    model.add_weighted_adapter(["a"], [-1.0], "a_inv", combination_type="geodesic")
+    model.add_weighted_adapter(["a_inv", "b"], [1, 1], "a_to_b", combination_type="compose")
+    model.add_weighted_adapter(["a_to_b"], [t], "part", combination_type="geodesic")
+    model.add_weighted_adapter(["a", "part"], [1, 1], "walk", combination_type="compose")
+    for side in ("output", "input"):
+        expected = [
+            a @ arithmetic.rotation_power(a.mT @ b, t)
+            for a, b in zip(_blocks(model, "a", side), _blocks(model, "b", side), strict=True)
+        ]
+        _assert_blocks_close(_blocks(model, "walk", side), expected)
