@@ -63,7 +63,10 @@ def test_nonfinite_loss_stops_with_the_step_and_module_and_writes_nothing_corrup
     assert main(args) == 1
     message = capsys.readouterr().err
     assert "the loss is nan" in message
-    assert "first non-finite output comes from module base_model.model.bert.embeddings.word_embeddings" in message
+    assert (
+        "first non-finite output comes from module base_model.model.bert.embeddings.word_embeddings"
+        in message
+    )
     assert "non-finite gradients in module(s)" in message and "on_nonfinite=stop" in message
     step = int(message.split("error: step ")[1].split(":")[0])
     assert 1 <= step <= 8
@@ -93,7 +96,9 @@ def test_nonfinite_steps_can_be_skipped_and_the_run_finishes_with_a_finite_adapt
     assert any(t.abs().max() > 0 for k, t in adapter.items() if "ortho" in k)  # the finite steps did train
 
 
-def test_resume_refuses_a_checkpoint_that_lacks_an_adapter_tensor(tiny_train_models, task_files, tmp_path, capsys):
+def test_resume_refuses_a_checkpoint_that_lacks_an_adapter_tensor(
+    tiny_train_models, task_files, tmp_path, capsys
+):
     """Checkpoints are loaded with strict=False (they hold only trainable tensors); a gap must not pass silently."""
     train, dev = task_files("sst2", 16, 8)
     out = tmp_path / "run"
