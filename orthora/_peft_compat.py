@@ -100,3 +100,19 @@ def route_push_to_hub(push) -> None:
 
     push_to_hub._orthora_route = True
     PeftModel.push_to_hub = push_to_hub
+
+
+def drop_modules_to_save(model, adapter_name: str) -> None:
+    """Remove ``adapter_name``'s copies of ``modules_to_save`` (e.g. a trained head), unwrapping modules left with
+    none, so a failed load leaves the base model as it was (PEFT wraps them before it reads any weight)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, ModulesToSaveWrapper) or adapter_name not in child.modules_to_save:
+                continue
+            del child.modules_to_save[adapter_name]
+            if not child.modules_to_save:
+                setattr(parent, child_name, child.original_module)
+            elif adapter_name in child.active_adapters:
+                child.set_adapter([next(iter(child.modules_to_save))])

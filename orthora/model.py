@@ -45,6 +45,7 @@ def discard_adapter(model: nn.Module, adapter_name: str) -> None:
             elif adapter_name in child.active_adapters:
                 remaining = sorted(set(child.ortho_out) | set(child.ortho_in))
                 child._active_adapter = remaining[:1]
+    _peft_compat.drop_modules_to_save(model, adapter_name)
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict):
         configs.pop(adapter_name, None)

@@ -42,13 +42,17 @@ def test_partial_failure_modifies_nothing():
     before = snapshot(base)
     # query (48) accepts 16, intermediate.dense (96 out) accepts 16 too, but its input side (48) with num_blocks=5 fails
     with pytest.raises(ValueError, match="num_blocks=5 does not divide the input width 48"):
-        get_peft_model(base, OrthoConfig(target_modules=["query", "intermediate.dense"], num_blocks=5, side="input"))
+        get_peft_model(
+            base, OrthoConfig(target_modules=["query", "intermediate.dense"], num_blocks=5, side="input")
+        )
     assert_unchanged(base, before)
     assert not any(isinstance(m, OrthoLayer) for m in base.modules())
 
 
 def test_block_size_and_num_blocks_both_or_neither():
-    with pytest.raises(ValueError, match="set exactly one of block_size and num_blocks, got block_size=16 and num_blocks=4"):
+    with pytest.raises(
+        ValueError, match="set exactly one of block_size and num_blocks, got block_size=16 and num_blocks=4"
+    ):
         OrthoConfig(block_size=16, num_blocks=4)
     with pytest.raises(ValueError, match="set exactly one of block_size and num_blocks; both are None"):
         OrthoConfig(block_size=None, num_blocks=None)
@@ -56,25 +60,31 @@ def test_block_size_and_num_blocks_both_or_neither():
     assert OrthoConfig().block_size == 32
 
 
-@pytest.mark.parametrize("field, value, valid", [
-    ("side", "left", "output, input, both"),
-    ("parametrization", "givens", "cayley, cayley_neumann, exp, householder"),
-    ("bias", "some", "none, all, ortho_only"),
-])
+@pytest.mark.parametrize(
+    "field, value, valid",
+    [
+        ("side", "left", "output, input, both"),
+        ("parametrization", "givens", "cayley, cayley_neumann, exp, householder"),
+        ("bias", "some", "none, all, ortho_only"),
+    ],
+)
 def test_unknown_choices_name_the_value_and_the_valid_ones(field, value, valid):
     with pytest.raises(ValueError, match=f"unknown {field}='{value}'; valid values are {valid}"):
         OrthoConfig(**{field: value})
 
 
-@pytest.mark.parametrize("kwargs, text", [
-    ({"block_size": 0}, "block_size must be a positive integer, got 0"),
-    ({"num_blocks": -2}, "num_blocks must be a positive integer, got -2"),
-    ({"neumann_terms": 0}, "neumann_terms must be a positive integer"),
-    ({"parametrization": "householder", "num_reflections": 3}, "num_reflections=3 is odd"),
-    ({"max_angle": 0.0}, "max_angle must be a positive number"),
-    ({"module_dropout": 1.0}, r"module_dropout must be in \[0, 1\)"),
-    ({"format_version": 99}, "format version 99"),
-])
+@pytest.mark.parametrize(
+    "kwargs, text",
+    [
+        ({"block_size": 0}, "block_size must be a positive integer, got 0"),
+        ({"num_blocks": -2}, "num_blocks must be a positive integer, got -2"),
+        ({"neumann_terms": 0}, "neumann_terms must be a positive integer"),
+        ({"parametrization": "householder", "num_reflections": 3}, "num_reflections=3 is odd"),
+        ({"max_angle": 0.0}, "max_angle must be a positive number"),
+        ({"module_dropout": 1.0}, r"module_dropout must be in \[0, 1\)"),
+        ({"format_version": 99}, "format version 99"),
+    ],
+)
 def test_invalid_numbers(kwargs, text):
     with pytest.raises(ValueError, match=text):
         OrthoConfig(**kwargs)
@@ -98,7 +108,9 @@ def test_unsupported_layer_type_is_named():
             return self.lin(self.norm(x))
 
     net = Net()
-    with pytest.raises(ValueError, match="norm: unsupported layer type LayerNorm; orthora supports torch.nn.Linear"):
+    with pytest.raises(
+        ValueError, match="norm: unsupported layer type LayerNorm; orthora supports torch.nn.Linear"
+    ):
         get_peft_model(net, OrthoConfig(target_modules=["norm", "lin"], block_size=4))
     assert isinstance(net.lin, nn.Linear)
 
@@ -156,13 +168,16 @@ def test_loading_a_second_adapter_that_does_not_fit_keeps_the_first(tmp_path):
     assert torch.equal(model(input_ids=batch["input_ids"]).logits, expected)
 
 
-@pytest.mark.parametrize("damage, reason", [  # the reasons are safetensors' own reader's
-    (lambda data: data[: len(data) - 10], "file not fully covered"),
-    (lambda data: data + b"\0" * 10, "file not fully covered"),
-    (lambda data: data[:5], "header too small; 5 bytes on disk"),
-    (lambda data: b"\xff" * 8 + data[8:], "header too large"),
-    (lambda data: data[:8] + b"{not json" + data[17:], "invalid JSON in header"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [  # the reasons are safetensors' own reader's
+        (lambda data: data[: len(data) - 10], "file not fully covered"),
+        (lambda data: data + b"\0" * 10, "file not fully covered"),
+        (lambda data: data[:5], "header too small; 5 bytes on disk"),
+        (lambda data: b"\xff" * 8 + data[8:], "header too large"),
+        (lambda data: data[:8] + b"{not json" + data[17:], "invalid JSON in header"),
+    ],
+)
 def test_truncated_or_corrupt_adapter_file_is_named_before_the_model_is_touched(tmp_path, damage, reason):
     path = _saved_adapter(tmp_path, block_size=16)
     weights = path / "adapter_model.safetensors"
@@ -210,3 +225,36 @@ def test_is_trainable_loading_makes_rotations_trainable(tmp_path):
     trainable = PeftModel.from_pretrained(tiny_bert(), path, is_trainable=True)
     names = [n for n, p in trainable.named_parameters() if p.requires_grad]
     assert names and all(".ortho_" in n for n in names)
+
+
+def test_loading_onto_a_wrong_base_leaves_the_task_head_unwrapped(tmp_path):
+    """PEFT wraps modules_to_save (the classifier) before any weight is read; a refused load must undo that too."""
+    from peft import PeftModel, get_peft_model
+    from peft.utils.other import ModulesToSaveWrapper
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import orthora
+
+    def bert(hidden: int) -> BertForSequenceClassification:
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=50,
+            hidden_size=hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+            num_labels=2,
+        )
+        return BertForSequenceClassification(config)
+
+    trained = get_peft_model(
+        bert(32), orthora.OrthoConfig(task_type="SEQ_CLS", target_modules=["query"], block_size=16)
+    )
+    trained.save_pretrained(tmp_path)
+    other = bert(64)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit this base model"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert not any(isinstance(m, (ModulesToSaveWrapper, orthora.OrthoLayer)) for m in other.modules())
+    after = other.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
