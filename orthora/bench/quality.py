@@ -682,7 +682,7 @@ def quality_markdown(
         lines += [
             f"#### Targets `{target_set}`: {', '.join(TARGET_SETS.get(target_set, []))}",
             "",
-            "| method | adapter params | "
+            "| method | trainable params (with head) | "
             + " | ".join(f"{t} ({'/'.join(TASK_METRICS[t])})" for t in tasks)
             + " | GLUE mean | mean over tasks all passed | STS-B forgetting |",
             "|" + "---|" * (len(tasks) + 5),
@@ -699,16 +699,23 @@ def quality_markdown(
                     continue
                 params = params or d["trainable_params"]
                 mark = ("" if d["lr_interior"] else " †") + (" ✗" if d["failed"] else "")
-                cells.append(f"{_pm(d['mean'], d['std'])} (lr {d['lr']:g}, n={len(d['scores'])}){mark}")
+                spread = d["std"] if len(d["scores"]) > 1 else None
+                cells.append(f"{_pm(d['mean'], spread)} (lr {d['lr']:g}, n={len(d['scores'])}){mark}")
             gm, gs = s["glue_mean"]
             if s["glue_failed"]:
                 glue = "failed: " + ", ".join(s["glue_failed"])
             else:
-                glue = _pm(gm, gs) if s["glue_complete"] else "incomplete"
+                glue = (
+                    _pm(gm, gs if len(s["glue_mean_per_seed"]) > 1 else None)
+                    if s["glue_complete"]
+                    else "incomplete"
+                )
             shared = _pm(s["shared_mean"], None) if s["shared_mean"] is not None else "–"
             forget = fmt(s["forgetting_mean"], ".1f")
             lines.append(
-                f"| {method} | {fmt(params)} | " + " | ".join(cells) + f" | {glue} | {shared} | {forget} |"
+                f"| {method} | {'–' if params is None else format(params, ',')} | "
+                + " | ".join(cells)
+                + f" | {glue} | {shared} | {forget} |"
             )
         lines.append("")
     return "\n".join(lines)
