@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from orthora.train.engine import concat_padded
-from orthora.train.recipes.glue import glue_metrics
+from orthora.train.recipes.glue import GLUE_METRICS, glue_metrics
 from orthora.train.recipes.qa import normalize_answer, postprocess_qa_predictions, squad_scores
 from orthora.train.recipes.seq2seq import rouge_metrics, translation_metrics
 
@@ -126,7 +126,9 @@ def _corpus_bleu_by_definition(hypotheses: list[str], references: list[str]) -> 
     return 100 * brevity * math.exp(sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / 4)
 
 
-def _corpus_chrf_by_definition(hypotheses: list[str], references: list[str], order: int = 6, beta: int = 2) -> float:
+def _corpus_chrf_by_definition(
+    hypotheses: list[str], references: list[str], order: int = 6, beta: int = 2
+) -> float:
     """Popovic: character n-gram (n <= 6, spaces removed) precision and recall averaged over n, then F-beta."""
     stats = [[0, 0, 0] for _ in range(order)]  # hypothesis n-grams, reference n-grams, matches
     for hyp, ref in zip(hypotheses, references, strict=True):
@@ -158,3 +160,13 @@ def test_concat_padded_pads_ragged_batches():
     merged = concat_padded([np.ones((2, 3)), np.zeros((1, 5))], pad_value=-1)
     assert merged.shape == (3, 5) and (merged[:2, 3:] == -1).all() and merged[2].sum() == 0
     assert math.isclose(concat_padded([np.arange(2.0), np.arange(3.0)], 0).sum(), 4.0)
+
+
+@pytest.mark.parametrize("task", sorted(GLUE_METRICS))
+def test_glue_metrics_report_exactly_the_table_names(task):
+    """The benchmark scores tasks by GLUE_METRICS' names; a recipe reporting other keys would silently score None."""
+    import numpy as np
+
+    labels = np.array([0, 1, 1, 0, 1, 0], dtype=float if task == "stsb" else int)
+    predictions = labels if task != "stsb" else labels + 0.1 * np.arange(6)
+    assert set(glue_metrics(task, predictions, labels)) == set(GLUE_METRICS[task])

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orthora.train.adapters import build_adapter_config
+from orthora.train.recipes.glue import GLUE_METRICS
+from orthora.train.recipes.qa import SQUAD_METRICS
 
 from .budgets import MethodSpec, matched_methods, targeted_widths, trainable_params
 from .models import BERT_TARGETS, minilm_path
@@ -37,15 +39,8 @@ from .report import REPO, RESULTS_DIR, fmt, machine_info
 
 GLUE_TASKS = ("sst2", "mrpc", "stsb", "cola", "rte")
 QA_TASKS = ("squad",)
-#: metrics that make up each task's score (their mean; GLUE leaderboard convention); SQuAD's are in percent
-TASK_METRICS = {
-    "sst2": ("accuracy",),
-    "rte": ("accuracy",),
-    "cola": ("matthews_correlation",),
-    "mrpc": ("f1", "accuracy"),
-    "stsb": ("pearson", "spearmanr"),
-    "squad": ("exact_match", "f1"),
-}
+#: metrics that make up each task's score (their mean; GLUE leaderboard convention), from the recipes' tables
+TASK_METRICS = {**{task: GLUE_METRICS[task] for task in GLUE_TASKS}, "squad": SQUAD_METRICS}
 #: target sets: the encoder's linear layers only, and the common user pattern whose ``dense`` also catches the pooler
 TARGET_SETS = {"encoder": BERT_TARGETS, "dense": ["query", "key", "value", "dense"]}
 #: a run must beat the task's trivial baseline (majority class / constant prediction) by this much to count

@@ -26,7 +26,19 @@ GLUE_TASKS: dict[str, tuple[str, str | None, int]] = {
     "rte": ("sentence1", "sentence2", 2),
     "wnli": ("sentence1", "sentence2", 2),
 }
-PRIMARY_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
+#: the metric(s) each task reports (official GLUE definitions), in the order GLUE's score averages them
+GLUE_METRICS: dict[str, tuple[str, ...]] = {
+    "cola": ("matthews_correlation",),
+    "sst2": ("accuracy",),
+    "mrpc": ("f1", "accuracy"),
+    "stsb": ("pearson", "spearmanr"),
+    "qqp": ("f1", "accuracy"),
+    "mnli": ("accuracy",),
+    "qnli": ("accuracy",),
+    "rte": ("accuracy",),
+    "wnli": ("accuracy",),
+}
+PRIMARY_METRIC = {task: names[0] for task, names in GLUE_METRICS.items() if names[0] != "accuracy"}
 
 
 def glue_metrics(task_name: str, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:

@@ -16,8 +16,11 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_
 from ..config import ConfigError
 from .base import EvalSet, TaskRecipe
 
-
 # --- official SQuAD evaluation semantics (v1.1 evaluate-v1.1.py / v2.0 evaluate-v2.0.py) -------------------------
+#: the official SQuAD v1.1 metrics (percent); v2 adds HasAns/NoAns breakdowns
+SQUAD_METRICS = ("exact_match", "f1")
+
+
 def normalize_answer(text: str) -> str:
     """Lower-case, drop punctuation and the articles a/an/the, squeeze whitespace (as the official scripts do)."""
     text = text.lower()
@@ -153,7 +156,7 @@ class QuestionAnsweringRecipe(TaskRecipe):
         return "f1"
 
     def metric_names(self) -> list[str]:
-        names = ["exact_match", "f1"]
+        names = list(SQUAD_METRICS)
         if self.config.version_2_with_negative:
             names += [f"{group}_{kind}" for group in ("HasAns", "NoAns") for kind in ("exact", "f1")]
         return names
