@@ -105,7 +105,9 @@ def test_summary_means_stds_failed_settings_and_paired_differences():
     assert paired["n"] == 3 and paired["mean"] == pytest.approx(0.0267, abs=1e-4)
     assert paired["p"] is not None and paired["p"] < 0.05
     table = quality.quality_markdown({"encoder": summary}, ["sst2", "cola"], trivial)
-    assert "| lora |" in table and "failed: cola" in table and "82.0 ± 2.0 (lr 0.001, n=3)" in table
+    assert (
+        "| lora |" in table and "failed: cola" in table and "82.0 ± 2.0 (forgot 10.0; lr 0.001, n=3)" in table
+    )
 
 
 def test_trivial_baseline_is_the_best_constant_prediction(tmp_path):
@@ -222,7 +224,7 @@ def test_quality_profile_cli_renders_finished_runs(tmp_path):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert "| lora | 100 | 81.0 ± 1.0 (lr 0.001, n=3)" in out.stdout
+    assert "| lora | 100 | 81.0 ± 1.0 (forgot 10.0; lr 0.001, n=3)" in out.stdout
     assert (tmp_path / "plot.png").stat().st_size > 1000
 
 

@@ -631,6 +631,8 @@ def summarize(
             summary["shared_mean"] = (
                 statistics.mean(summary["tasks"][t]["mean"] for t in shared) if shared else None
             )
+            forgot = [summary["tasks"][t]["forgetting"][0] for t in shared]
+            summary["shared_forgetting"] = statistics.mean(forgot) if forgot and None not in forgot else None
         if reference in methods:
             for summary in methods.values():
                 summary["paired_vs_" + reference] = paired_differences(summary, methods[reference], tasks)
@@ -679,7 +681,7 @@ def quality_markdown(
             "",
             "| method | trainable params (with head) | "
             + " | ".join(f"{t} ({'/'.join(TASK_METRICS[t])})" for t in tasks)
-            + " | GLUE mean | mean over tasks all passed | STS-B forgetting |",
+            + " | GLUE mean | mean over tasks all passed | STS-B forgetting, same tasks |",
             "|" + "---|" * (len(tasks) + 5),
             "| trivial baseline | 0 | "
             + " | ".join(f"{trivial.get(t, 0.0) * 100:.1f}" for t in tasks)
@@ -695,7 +697,10 @@ def quality_markdown(
                 params = params or d["trainable_params"]
                 mark = ("" if d["lr_interior"] else " †") + (" ✗" if d["failed"] else "")
                 spread = d["std"] if len(d["scores"]) > 1 else None
-                cells.append(f"{_pm(d['mean'], spread)} (lr {d['lr']:g}, n={len(d['scores'])}){mark}")
+                forgot = fmt(d["forgetting"][0], ".1f")
+                cells.append(
+                    f"{_pm(d['mean'], spread)} (forgot {forgot}; lr {d['lr']:g}, n={len(d['scores'])}){mark}"
+                )
             gm, gs = s["glue_mean"]
             if s["glue_failed"]:
                 glue = "failed: " + ", ".join(s["glue_failed"])
@@ -706,7 +711,7 @@ def quality_markdown(
                     else "incomplete"
                 )
             shared = _pm(s["shared_mean"], None) if s["shared_mean"] is not None else "–"
-            forget = fmt(s["forgetting_mean"], ".1f")
+            forget = fmt(s["shared_forgetting"], ".1f")
             lines.append(
                 f"| {method} | {'–' if params is None else format(params, ',')} | "
                 + " | ".join(cells)
@@ -717,24 +722,25 @@ def quality_markdown(
 
 
 def learn_forget_plot(summary: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Scatter of GLUE mean (learned) against zero-shot STS-B drop (forgotten), one point per method and target set."""
+    """Learned (mean score over the tasks every method passed) against forgotten (zero-shot STS-B drop on those same
+    tasks), one point per method and a panel per target set, so every point is measured on the same tasks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(summary), figsize=(7 * len(summary), 4.8), squeeze=False)
     for ax, (target_set, methods) in zip(axes[0], summary.items(), strict=True):
+        shared = next(iter(methods.values()))["shared_tasks"] if methods else []
         for method, s in methods.items():
-            mean, std = s["glue_mean"]
-            if mean is None or s["forgetting_mean"] is None:
+            if s["shared_mean"] is None or s["shared_forgetting"] is None:
                 continue
-            ax.errorbar(s["forgetting_mean"], mean * 100, yerr=(std or 0) * 100, fmt="o", capsize=3)
-            ax.annotate(method, (s["forgetting_mean"], mean * 100), textcoords="offset points", xytext=(4, 4))
-        ax.set_xlabel("zero-shot STS-B drop (points; lower = forgot less)")
-        ax.set_ylabel("GLUE mean ×100 (higher = learned more)")
-        ax.set_title(f"targets: {target_set}")
+            ax.plot(s["shared_forgetting"], s["shared_mean"] * 100, "o", markersize=8, label=method)
+        ax.set_xlabel("zero-shot STS-B drop, points (lower = forgot less)")
+        ax.set_ylabel("mean task score x100 (higher = learned more)")
+        ax.set_title(f"targets {target_set}; tasks: {', '.join(shared) or 'none shared'}")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
