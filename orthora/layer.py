@@ -208,7 +208,7 @@ class OrthoLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _adapter_rotations(self, adapter_name: str) -> list[nn.Module]:
+    def _adapter_modules(self, adapter_name: str) -> list[nn.Module]:
         """Every module holding ``adapter_name``'s parameters in this layer (rotations and magnitude)."""
         tables = (self.ortho_out, self.ortho_in, self.ortho_magnitude)
         return [table[adapter_name] for table in tables if adapter_name in table]
@@ -223,7 +223,7 @@ class OrthoLayer(BaseTunerLayer):
         target = device if device is not None else getattr(getattr(base, "weight", None), "device", None)
         if target is None:
             return
-        for rotation in self._adapter_rotations(adapter_name):
+        for rotation in self._adapter_modules(adapter_name):
             if rotation.weight.device.type != "meta":
                 rotation.to(target)
 
@@ -233,7 +233,7 @@ class OrthoLayer(BaseTunerLayer):
         Either way the blocks are built in float32 from the parameters (see :meth:`BlockRotation.blocks`).
         """
         base_dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())[1]
-        for rotation in self._adapter_rotations(adapter_name):
+        for rotation in self._adapter_modules(adapter_name):
             dtype = rotation.weight.dtype
             if autocast_adapter_dtype and dtype.is_floating_point and dtype.itemsize < 4:
                 rotation.to(torch.float32)
@@ -322,7 +322,7 @@ class OrthoLayer(BaseTunerLayer):
         if type(base) not in (nn.Linear, Conv1D) or base.weight.requires_grad:
             return False  # quantized or otherwise special layers keep their own forward; trained weights too
         rots = [t[names[0]] for t in (self.ortho_out, self.ortho_in) if names[0] in t]
-        if not rots or not all(r.exact for r in rots):
+        if not all(r.exact for r in rots):
             return False
         if self.fold_policy == "always":
             return True

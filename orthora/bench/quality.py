@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orthora.train.adapters import build_adapter_config
+from orthora.train.engine import write_json_atomic as write_atomic
 from orthora.train.recipes.glue import GLUE_METRICS
 from orthora.train.recipes.qa import SQUAD_METRICS
 
@@ -360,21 +361,6 @@ def run_one(key: RunKey, method: QualityMethod, protocol: Protocol, data_dir: Pa
         "protocol": dataclasses.asdict(protocol),
         "machine": machine_info(),
     }
-
-
-def write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """JSON to a temporary file beside ``path``, then renamed over it: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1, default=str)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
