@@ -83,6 +83,21 @@ def test_pending_searches_seed0_everywhere_first_then_repeats_at_the_chosen_lr()
     assert all(m is method and k.fingerprint == fp for k, m in todo)  # runs of another config never count
 
 
+def test_runs_of_another_head_learning_rate_never_count():
+    """A sweep with one head LR for every method is another protocol: its runs neither steer nor fill the other's."""
+    method = quality.QualityMethod("m", MethodSpec("m", "lora", {}), "matched", (1e-3, 3e-3, 1e-2))
+    fp = method.fingerprint
+    same_head = [
+        {**record("m", "sst2", lr, 0, s, fingerprint=fp), "head_lr": None}
+        for lr, s in ((1e-3, 0.7), (3e-3, 0.9), (1e-2, 0.8))
+    ]
+    todo = quality.pending(same_head, [method], ["sst2"], ["encoder"], [0], head_lr=3e-3)
+    assert [(k.lr, k.seed, k.head_lr) for k, _ in todo] == [(1e-3, 0, 3e-3), (3e-3, 0, 3e-3), (1e-2, 0, 3e-3)]
+    assert todo[0][0].file_name.endswith("__lr0.001__h0.003__s0.json")
+    assert quality.pending(same_head, [method], ["sst2"], ["encoder"], [0]) == []
+    assert quality.RunKey("encoder", "sst2", "m", fp, 1e-3, 0).file_name.endswith("__lr0.001__s0.json")
+
+
 def test_summary_means_stds_failed_settings_and_paired_differences():
     runs = []
     for seed, (a, b) in enumerate(((0.80, 0.78), (0.82, 0.79), (0.84, 0.81))):

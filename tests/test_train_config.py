@@ -72,6 +72,7 @@ def test_string_values_from_the_command_line_are_kept_verbatim():
         ({"mixed_precision": "fp8"}, "mixed_precision='fp8'"),
         ({"checkpointing_steps": "often"}, "checkpointing_steps must be a number of steps or 'epoch'"),
         ({"push_to_hub": True}, "push_to_hub needs hub_model_id"),
+        ({"head_learning_rate": 0}, "head_learning_rate must be positive or null, got 0"),
     ],
 )
 def test_bad_values_name_the_key(values, message):

@@ -187,6 +187,33 @@ def test_saved_adapter_reproduces_the_reported_accuracy(tiny_train_models, task_
     assert accuracy == pytest.approx(results["metrics"]["validation"]["accuracy"])
 
 
+def test_head_learning_rate_drives_only_the_task_head(tiny_train_models, task_files, tmp_path):
+    """``head_learning_rate`` reaches the optimizer for the head (modules_to_save) alone: a head rate of ~0 leaves
+    the classifier where it started while the rotations still move; at the run's own rate the head moves too."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    import orthora  # noqa: F401 - registers the method with PEFT
+
+    train, dev = task_files("sst2", 32, 16)
+    heads, generators = {}, {}
+    for name, head_lr in (("frozen_head", "1e-12"), ("same_rate", "null")):
+        out = tmp_path / name
+        args = _common(tiny_train_models["bert"], train, dev, out) + FAMILIES["glue"]["args"]
+        assert main(args + ["--checkpointing_steps", "null", "--head_learning_rate", head_lr]) == 0
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_train_models["bert"], num_labels=2)
+        model = PeftModel.from_pretrained(base, out / "adapter")
+        state = model.state_dict()
+        heads[name] = {k: v for k, v in state.items() if ".modules_to_save." in k and "classifier" in k}
+        generators[name] = [v for k, v in state.items() if "ortho_out" in k]
+    assert heads["frozen_head"] and generators["frozen_head"]
+    for key, value in heads["frozen_head"].items():
+        moved = (value - heads["same_rate"][key]).abs().max()
+        assert moved > 1e-4, f"{key}: the head trained at ~0 ended where the head trained at the run's rate did"
+    # the adapter kept the run's rate: its generators left the identity (zero) by far more than 1e-12 per step
+    assert all(g.abs().max() > 1e-4 for g in generators["frozen_head"]), "the rotations did not train"
+
+
 def test_killed_run_resumes_from_latest(tiny_train_models, task_files, tmp_path):
     """Simulate a kill after step 2 (later outputs gone, a half-written checkpoint left): 'latest' finishes the job."""
     import shutil

@@ -191,11 +191,13 @@ class RunKey:
     fingerprint: str
     lr: float
     seed: int
+    head_lr: Optional[float] = None  # None: the head trains at ``lr`` (the protocol's original form)
 
     @property
     def file_name(self) -> str:
         safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in self.method)
-        return f"{self.target_set}__{self.task}__{safe}__{self.fingerprint}__lr{self.lr:g}__s{self.seed}.json"
+        head = f"__h{self.head_lr:g}" if self.head_lr is not None else ""
+        return f"{self.target_set}__{self.task}__{safe}__{self.fingerprint}__lr{self.lr:g}{head}__s{self.seed}.json"
 
 
 @dataclasses.dataclass
@@ -213,6 +215,7 @@ class Protocol:
     squad_max_seq_length: int = 256
     squad_doc_stride: int = 96
     sts_pairs: Optional[int] = None  # None: the full STS-B dev set for forgetting
+    head_learning_rate: Optional[float] = None  # one head LR for every method; None: the head follows each LR
     model: Optional[str] = None  # None: all-MiniLM-L6-v2
 
     def model_path(self) -> str:
@@ -259,6 +262,7 @@ def train_config(key: RunKey, method: QualityMethod, protocol: Protocol, data_di
         method=method.spec.kind,
         adapter=adapter,
         learning_rate=key.lr,
+        head_learning_rate=key.head_lr,
         seed=key.seed,
         num_train_epochs=protocol.epochs,
         output_dir=out_dir,
@@ -425,19 +429,24 @@ def pending(
     tasks: Sequence[str],
     target_sets: Sequence[str],
     seeds: Sequence[int],
+    head_lr: Optional[float] = None,
 ) -> list[tuple[RunKey, QualityMethod]]:
     """Runs still needed: every seed-0 learning-rate search first (a whole one-seed picture early), then the
     other seeds of each cell whose search has settled (best LR interior, or the ladder's end reached), at that LR.
     """
     grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in done:
+        if r.get("head_lr") != head_lr:  # another protocol's run
+            continue
         grouped[(r["target_set"], r["task"], r["method"], r.get("fingerprint"))].append(r)
     search, repeats = [], []
     for target_set in target_sets:
         for task in tasks:
             for method in methods:
                 runs = grouped[(target_set, task, method.name, method.fingerprint)]
-                key = functools.partial(RunKey, target_set, task, method.name, method.fingerprint)
+                key = functools.partial(
+                    RunKey, target_set, task, method.name, method.fingerprint, head_lr=head_lr
+                )
                 lrs = next_lrs(runs, method.start_lrs)
                 if lrs:
                     search += [(key(lr, 0), method) for lr in lrs]
@@ -508,7 +517,7 @@ def run_sweep(
     finished = 0
     started = time.perf_counter()
     while max_runs is None or finished < max_runs:
-        todo = pending(load_runs(runs_dir), methods, tasks, target_sets, seeds)
+        todo = pending(load_runs(runs_dir), methods, tasks, target_sets, seeds, protocol.head_learning_rate)
         if not todo:
             return finished
         for key, method in todo:
@@ -751,6 +760,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--squad-train-samples", type=int, default=Protocol.squad_train_samples)
     group.add_argument("--squad-eval-samples", type=int, default=Protocol.squad_eval_samples)
     group.add_argument("--epochs", type=int, default=Protocol.epochs)
+    group.add_argument(
+        "--head-lr",
+        type=float,
+        default=None,
+        help="one learning rate for every method's task head (default: the head trains at each run's LR)",
+    )
     group.add_argument("--sts-pairs", type=int, default=None, help="cap on STS-B pairs for forgetting")
     group.add_argument("--model", default=None, help="model path (default: all-MiniLM-L6-v2)")
     group.add_argument("--data-dir", default=os.environ.get("ORTHORA_DATA_DIR", str(DEFAULT_DATA_DIR)))
@@ -801,6 +816,7 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
         squad_eval_samples=args.squad_eval_samples,
         sts_pairs=args.sts_pairs,
         model=args.model,
+        head_learning_rate=args.head_lr,
     )
     runs_dir = Path(args.runs_dir)
     seeds = [int(s) for s in _split(args.seeds)]
@@ -822,7 +838,9 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
     runs = [
         r
         for r in load_runs(runs_dir)
-        if r["task"] in tasks and (r["target_set"], r["method"], r.get("fingerprint")) in current
+        if r["task"] in tasks
+        and (r["target_set"], r["method"], r.get("fingerprint")) in current
+        and r.get("head_lr") == protocol.head_learning_rate
     ]
     trivial = {t: trivial_score(t, data_dir, args.eval_samples) for t in tasks}
     summary = summarize(runs, tasks, trivial)

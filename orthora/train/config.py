@@ -121,6 +121,11 @@ class TrainConfig:
     per_device_train_batch_size: int = _opt(16, "Training batch size per process.")
     per_device_eval_batch_size: int = _opt(32, "Evaluation batch size per process.")
     learning_rate: float = _opt(1e-3, "Peak learning rate (AdamW).")
+    head_learning_rate: Optional[float] = _opt(
+        None,
+        "Peak learning rate of the task head (the adapter's modules_to_save, e.g. the classifier); "
+        "null: learning_rate. A fast head with a slow adapter distorts pretrained features less.",
+    )
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     adam_beta1: float = _opt(0.9, "AdamW beta1.")
     adam_beta2: float = _opt(0.999, "AdamW beta2.")
@@ -226,6 +231,8 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
+            raise ConfigError(f"head_learning_rate must be positive or null, got {self.head_learning_rate}")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub needs hub_model_id (e.g. your-name/bert-sst2-orthora)")
         if self.on_nonfinite not in NONFINITE_POLICIES:

@@ -254,6 +254,29 @@ def flat_hparams(config: TrainConfig) -> dict[str, Any]:
     return flat
 
 
+NO_DECAY = ("bias", "layernorm", "layer_norm", "norm.weight")
+
+
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay off for biases and norms, and the task head (PEFT's ``modules_to_save`` copies)
+    at ``head_learning_rate`` when it is set. The scheduler scales every group's peak rate by the same factor."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not any(k in name.lower() for k in NO_DECAY)
+        head = config.head_learning_rate is not None and ".modules_to_save." in name
+        groups.setdefault((decay, head), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": config.weight_decay if decay else 0.0,
+            **({"lr": config.head_learning_rate} if head else {}),
+        }
+        for (decay, head), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))
+    ]
+
+
 def concat_padded(chunks: list[np.ndarray], pad_value: float) -> np.ndarray:
     """Concatenate per-batch arrays whose second dimension differs, padding with ``pad_value``."""
     if chunks[0].ndim == 1:
@@ -375,20 +398,8 @@ class _Run:
             DataLoader(s.model_inputs, collate_fn=collate, batch_size=config.per_device_eval_batch_size)
             for s in self.eval_sets
         ]
-        no_decay = ("bias", "layernorm", "layer_norm", "norm.weight")
-        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        groups = [
-            {
-                "params": [p for n, p in trainable if not any(k in n.lower() for k in no_decay)],
-                "weight_decay": config.weight_decay,
-            },
-            {
-                "params": [p for n, p in trainable if any(k in n.lower() for k in no_decay)],
-                "weight_decay": 0.0,
-            },
-        ]
         optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]],
+            parameter_groups(self.model, config),
             lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
         )
