@@ -269,6 +269,7 @@ def train_config(key: RunKey, method: QualityMethod, protocol: Protocol, data_di
         report_to="none",
         checkpointing_steps=None,
         logging_steps=10**6,
+        eval_steps=10**9,  # one evaluation, the engine's final one (the score is the final model's)
         warmup_ratio=protocol.warmup_ratio,
         per_device_train_batch_size=protocol.batch_size,
         per_device_eval_batch_size=64,
