@@ -6,6 +6,7 @@ the base layer, along which dimension) and how it is folded into the base weight
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Optional
 
@@ -119,26 +120,52 @@ class BlockRotation(nn.Module):
             initialise(stored_blocks, block_size, config.num_reflections, scale=self.scale)
         )
         self._cache: Optional[tuple[tuple, torch.Tensor]] = None
+        self._step: Optional[_StepBlocks] = (
+            None  # this rotation's slice of a batched build (see build_step_blocks)
+        )
 
     def extra_repr(self) -> str:
         shared = ", shared" if self.weight.shape[0] == 1 and self.num_blocks > 1 else ""
         return f"{self.num_blocks}x({self.block_size}x{self.block_size}), {self.parametrization}{shared}"
 
+    def group_key(self) -> tuple:
+        """Rotations with equal keys build their blocks in one batched call (see :func:`build_step_blocks`)."""
+        w = self.weight
+        return (
+            self.parametrization,
+            self.block_size,
+            self.neumann_terms,
+            self.max_angle,
+            self.scale,
+            w.dtype,
+            w.device,
+            tuple(w.shape[1:]),
+        )
+
+    def _weight_key(self) -> tuple:
+        w = self.weight
+        return (w._version, w.data_ptr(), w.device, w.dtype)
+
     def blocks(self) -> torch.Tensor:
         """The ``(k or 1, b, b)`` orthogonal blocks in float32 (float64 if the parameters are float64)."""
         needs_graph = torch.is_grad_enabled() and self.weight.requires_grad
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.device, self.weight.dtype)
+        key = self._weight_key()
+        step = self._step
+        if step is not None and step.key == key and (not needs_graph or step.graph_alive()):
+            return step.blocks if needs_graph else step.blocks.detach()
         if not needs_graph and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        result = rotations.orthogonal_blocks(
-            self.weight,
-            self.parametrization,
-            self.block_size,
-            neumann_terms=self.neumann_terms,
-            max_angle=self.max_angle,
-            compute_dtype=self.weight.dtype,
-            scale=self.scale,
-        )
+        outside = needs_graph and not torch.compiler.is_compiling()  # dynamo cannot trace saved-tensor hooks
+        with saved_outside_checkpoints() if outside else contextlib.nullcontext():
+            result = rotations.orthogonal_blocks(
+                self.weight,
+                self.parametrization,
+                self.block_size,
+                neumann_terms=self.neumann_terms,
+                max_angle=self.max_angle,
+                compute_dtype=self.weight.dtype,
+                scale=self.scale,
+            )
         self._cache = None if needs_graph else (key, result)
         return result
 
@@ -155,6 +182,73 @@ class BlockRotation(nn.Module):
     def inverse_blocks(self) -> torch.Tensor:
         with torch.no_grad():
             return rotations.invert_blocks(self.blocks(), self.exact)
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def saved_outside_checkpoints() -> contextlib.AbstractContextManager:
+    """Save what block construction needs for backward as usual, even inside a gradient-checkpointed region.
+
+    Blocks are small (``k·b²`` numbers per layer), and non-reentrant checkpointing requires its recomputation to
+    save exactly the tensors the forward saved: keeping construction out of it lets a layer take its blocks from a
+    batched build in one pass and build them itself in the other.
+    """
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+
+
+class _StepBlocks:
+    """One rotation's slice of the blocks built for all rotations of a group in one batched call.
+
+    It serves the layer's forward and, under gradient checkpointing, its recomputation (which must see the same
+    tensors the forward saved). It is valid while the parameters are unchanged and until backward has passed
+    through the batched build (its graph is then freed, so a later forward needs new blocks).
+    """
+
+    __slots__ = ("key", "blocks", "state")
+
+    def __init__(self, key: tuple, blocks: torch.Tensor, state: dict) -> None:
+        self.key = key
+        self.blocks = blocks
+        self.state = state  # shared by the group: {"alive": False} once backward has gone through the build
+
+    def graph_alive(self) -> bool:
+        return self.state["alive"]
+
+
+def build_step_blocks(rotation_modules: list[BlockRotation]) -> None:
+    """Build the blocks of every rotation sharing a :meth:`BlockRotation.group_key` in one batched call.
+
+    Called once per forward with autograd (by ``OrthoModel.forward``): one construction per (parametrization, block
+    size, dtype, device) instead of one per layer, with the same blocks (every map acts on each block alone) and
+    the same gradients (the concatenation's backward splits them). Each rotation keeps its slice for this step.
+    """
+    groups: dict[tuple, list[BlockRotation]] = {}
+    for rotation in rotation_modules:
+        if rotation.weight.requires_grad and type(rotation.weight.data) is torch.Tensor:
+            groups.setdefault(rotation.group_key(), []).append(rotation)
+    for members in groups.values():
+        if len(members) < 2:
+            for rotation in members:
+                rotation._step = None
+            continue
+        first = members[0]
+        built = rotations.orthogonal_blocks(
+            torch.cat([r.weight for r in members]),
+            first.parametrization,
+            first.block_size,
+            neumann_terms=first.neumann_terms,
+            max_angle=first.max_angle,
+            compute_dtype=first.weight.dtype,
+            scale=first.scale,
+        )
+        state = {"alive": built.requires_grad}
+        if built.requires_grad:
+            built.register_hook(lambda grad, state=state: state.update(alive=False))
+        slices = built.split([r.weight.shape[0] for r in members])
+        for rotation, blocks in zip(members, slices, strict=True):
+            rotation._step = _StepBlocks(rotation._weight_key(), blocks, state)
 
 
 class FeatureScale(nn.Module):

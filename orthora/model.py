@@ -12,7 +12,7 @@ from torch import nn
 
 from . import _peft_compat
 from .config import FORMAT_VERSION, OrthoConfig
-from .layer import BASE_ADAPTER_NAME, OrthoLayer, check_layer, layer_class_for
+from .layer import BASE_ADAPTER_NAME, OrthoLayer, build_step_blocks, check_layer, layer_class_for
 
 MAX_REPORTED_PROBLEMS = 10
 
@@ -24,6 +24,23 @@ def _adapter_names_pre_hook(module, args, kwargs, adapter_names):
 
 def _orthora_layers(model: nn.Module):
     return ((key, module) for key, module in model.named_modules() if isinstance(module, OrthoLayer))
+
+
+def _applied_rotations(model: nn.Module):
+    """The rotations a forward pass of ``model`` applies: active, unmerged adapters of enabled layers."""
+    for _, layer in _orthora_layers(model):
+        if layer.disable_adapters:
+            continue
+        for name in layer.active_adapters:
+            if name in layer.merged_adapters:
+                continue
+            for table in (layer.ortho_out, layer.ortho_in):
+                if name in table:
+                    yield table[name]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def discard_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -60,6 +77,10 @@ class OrthoModel(BaseTuner):
     prefix: str = "ortho_"
     tuner_layer_cls = OrthoLayer
     target_module_mapping = _peft_compat.default_target_modules()
+    #: build the blocks of all layers that share (parametrization, block size, dtype, device) in one batched call
+    #: per PeftModel forward with autograd (see layer.build_step_blocks). Off under torch.distributed, where FSDP/ZeRO-3
+    #: gather each layer's parameters only when that layer runs.
+    batch_block_construction: bool = True
 
     # ------------------------------------------------------------------------------------------- injection
     def _prepare_adapter_config(self, peft_config: OrthoConfig, model_config: dict) -> OrthoConfig:
@@ -160,7 +181,10 @@ class OrthoModel(BaseTuner):
     # -------------------------------------------------------------------------------------- mixed batches
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        """Route ``adapter_names=[...]`` (one per sample) to every orthora layer for one forward/generate call."""
+        """Per forward/generate call of the PeftModel: build the blocks of all layers in batched calls (when autograd
+        is on), and route ``adapter_names=[...]`` (one per sample) to every orthora layer."""
+        if self.batch_block_construction and torch.is_grad_enabled() and not _distributed():
+            build_step_blocks(list(_applied_rotations(self.model)))
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
