@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import _peft_compat
@@ -182,7 +183,7 @@ class OrthoModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         """Per forward/generate call of the PeftModel: build the blocks of all layers in batched calls (when autograd
-        is on), and route ``adapter_names=[...]`` (one per sample) to every orthora layer."""
+        is on), and route ``adapter_names=[...]`` (one per sample) to every orthora layer and modules_to_save copy."""
         if self.batch_block_construction and torch.is_grad_enabled() and not _distributed():
             build_step_blocks(list(_applied_rotations(self.model)))
         adapter_names = kwargs.pop("adapter_names", None)
@@ -203,8 +204,9 @@ class OrthoModel(BaseTuner):
         if isinstance(num_beams, int) and num_beams > 1:  # generate() repeats each sample num_beams times
             per_row = [n for n in adapter_names for _ in range(num_beams)]
         handles = []
+        routed = (OrthoLayer, AuxiliaryTrainingWrapper)  # rotations and each adapter's modules_to_save (heads)
         for module in self.modules():
-            if isinstance(module, OrthoLayer):
+            if isinstance(module, routed):
                 handles.append(
                     module.register_forward_pre_hook(
                         partial(_adapter_names_pre_hook, adapter_names=per_row), with_kwargs=True
@@ -213,7 +215,7 @@ class OrthoModel(BaseTuner):
         encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
         if per_row != list(adapter_names) and encoder is not None and encoder is not self.model:
             for module in encoder.modules():  # the encoder still sees the un-repeated batch
-                if isinstance(module, OrthoLayer):
+                if isinstance(module, routed):
                     handles.append(
                         module.register_forward_pre_hook(
                             partial(_adapter_names_pre_hook, adapter_names=list(adapter_names)),
