@@ -119,9 +119,13 @@ class BlockRotation(nn.Module):
         self.weight = nn.Parameter(
             initialise(stored_blocks, block_size, config.num_reflections, scale=self.scale)
         )
-        self._cache: Optional[tuple[tuple, torch.Tensor]] = None
+        #: Householder rotations whose factored form is cheaper to apply than dense blocks keep their factors
+        self.factorable = not spec.uses_generator and rotations.factored_is_cheaper(
+            block_size, config.num_reflections
+        )
+        self._cache: Optional[tuple[tuple, tuple[torch.Tensor, ...]]] = None
         self._step: Optional[_StepBlocks] = (
-            None  # this rotation's slice of a batched build (see build_step_blocks)
+            None  # this rotation's slice of a batched build (build_step_blocks)
         )
 
     def extra_repr(self) -> str:
@@ -137,6 +141,7 @@ class BlockRotation(nn.Module):
             self.neumann_terms,
             self.max_angle,
             self.scale,
+            self.factorable,
             w.dtype,
             w.device,
             tuple(w.shape[1:]),
@@ -146,28 +151,49 @@ class BlockRotation(nn.Module):
         w = self.weight
         return (w._version, w.data_ptr(), w.device, w.dtype)
 
-    def blocks(self) -> torch.Tensor:
-        """The ``(k or 1, b, b)`` orthogonal blocks in float32 (float64 if the parameters are float64)."""
+    def _build(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What this rotation builds from (possibly concatenated) parameters: ``(blocks,)``, or for a factored
+        Householder rotation its factors ``(U, C)`` (:func:`rotations.householder_factors`)."""
+        if self.factorable:
+            return rotations.orthogonal_factors(params, compute_dtype=params.dtype)
+        blocks = rotations.orthogonal_blocks(
+            params,
+            self.parametrization,
+            self.block_size,
+            neumann_terms=self.neumann_terms,
+            max_angle=self.max_angle,
+            compute_dtype=params.dtype,
+            scale=self.scale,
+        )
+        return (blocks,)
+
+    def _built(self) -> tuple[torch.Tensor, ...]:
+        """This step's :meth:`_build`: from the batched build, the evaluation cache, or built here."""
         needs_graph = torch.is_grad_enabled() and self.weight.requires_grad
         key = self._weight_key()
         step = self._step
         if step is not None and step.key == key and (not needs_graph or step.graph_alive()):
-            return step.blocks if needs_graph else step.blocks.detach()
+            return step.built if needs_graph else tuple(t.detach() for t in step.built)
         if not needs_graph and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         outside = needs_graph and not torch.compiler.is_compiling()  # dynamo cannot trace saved-tensor hooks
         with saved_outside_checkpoints() if outside else contextlib.nullcontext():
-            result = rotations.orthogonal_blocks(
-                self.weight,
-                self.parametrization,
-                self.block_size,
-                neumann_terms=self.neumann_terms,
-                max_angle=self.max_angle,
-                compute_dtype=self.weight.dtype,
-                scale=self.scale,
-            )
+            result = self._build(self.weight)
         self._cache = None if needs_graph else (key, result)
         return result
+
+    def blocks(self) -> torch.Tensor:
+        """The ``(k or 1, b, b)`` orthogonal blocks in float32 (float64 if the parameters are float64)."""
+        built = self._built()
+        return rotations.householder_from_factors(*built) if self.factorable else built[0]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, C)`` with blocks ``I - U^T C``; only for a factored Householder rotation (:attr:`factorable`)."""
+        if not self.factorable:
+            raise ValueError(
+                f"{self.parametrization} rotations with block {self.block_size} are not factored"
+            )
+        return self._built()
 
     def forward_blocks(self) -> torch.Tensor:
         """Blocks for a forward pass: with module dropout, each block is the identity with probability p."""
@@ -206,11 +232,11 @@ class _StepBlocks:
     through the batched build (its graph is then freed, so a later forward needs new blocks).
     """
 
-    __slots__ = ("key", "blocks", "state")
+    __slots__ = ("key", "built", "state")
 
-    def __init__(self, key: tuple, blocks: torch.Tensor, state: dict) -> None:
+    def __init__(self, key: tuple, built: tuple[torch.Tensor, ...], state: dict) -> None:
         self.key = key
-        self.blocks = blocks
+        self.built = built  # see BlockRotation._build
         self.state = state  # shared by the group: {"alive": False} once backward has gone through the build
 
     def graph_alive(self) -> bool:
@@ -233,22 +259,16 @@ def build_step_blocks(rotation_modules: list[BlockRotation]) -> None:
             for rotation in members:
                 rotation._step = None
             continue
-        first = members[0]
-        built = rotations.orthogonal_blocks(
-            torch.cat([r.weight for r in members]),
-            first.parametrization,
-            first.block_size,
-            neumann_terms=first.neumann_terms,
-            max_angle=first.max_angle,
-            compute_dtype=first.weight.dtype,
-            scale=first.scale,
-        )
-        state = {"alive": built.requires_grad}
-        if built.requires_grad:
-            built.register_hook(lambda grad, state=state: state.update(alive=False))
-        slices = built.split([r.weight.shape[0] for r in members])
-        for rotation, blocks in zip(members, slices, strict=True):
-            rotation._step = _StepBlocks(rotation._weight_key(), blocks, state)
+        built = members[0]._build(torch.cat([r.weight for r in members]))
+        state = {"alive": built[0].requires_grad}
+        if built[
+            0
+        ].requires_grad:  # every output's gradient reaches built[0] (the blocks, or U that C comes from)
+            built[0].register_hook(lambda grad, state=state: state.update(alive=False))
+        sizes = [r.weight.shape[0] for r in members]
+        slices = zip(*(tensor.split(sizes) for tensor in built), strict=True)
+        for rotation, parts in zip(members, slices, strict=True):
+            rotation._step = _StepBlocks(rotation._weight_key(), parts, state)
 
 
 class FeatureScale(nn.Module):
@@ -274,6 +294,9 @@ class OrthoLayer(BaseTunerLayer):
     #: "auto": fold exact rotations into the frozen weight when that is cheaper (see rotations.folding_is_cheaper);
     #: "never": always rotate activations; "always": fold whenever possible (tests, benchmarks).
     fold_policy: str = "auto"
+    #: "auto": Householder rotations whose factored form is cheaper (rotations.factored_is_cheaper) rotate
+    #: activations through their factors; "never": always through dense blocks (tests, benchmarks).
+    factor_policy: str = "auto"
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -345,26 +368,35 @@ class OrthoLayer(BaseTunerLayer):
         return name in self.ortho_out or name in self.ortho_in or name in self.ortho_magnitude
 
     # ------------------------------------------------------------------------------------------------ forward
-    def _rotate_features(
-        self, x: torch.Tensor, rotation: BlockRotation, blocks: torch.Tensor
-    ) -> torch.Tensor:
-        if self.kind == "conv2d":  # rotate channels (dim 1)
-            return rotations.rotate(x.movedim(1, -1), blocks, exact=rotation.exact).movedim(-1, 1)
-        return rotations.rotate(x, blocks, exact=rotation.exact)
+    def _applies_factored(self, rotation: BlockRotation) -> bool:
+        """Whether ``rotation`` rotates activations through its Householder factors instead of dense blocks
+        (module dropout replaces whole blocks, so it keeps the dense form)."""
+        dropout = rotation.training and rotation.module_dropout > 0
+        return rotation.factorable and self.factor_policy == "auto" and not dropout
+
+    def _rotate_features(self, x: torch.Tensor, rotation: BlockRotation) -> torch.Tensor:
+        channels_first = self.kind == "conv2d"  # rotate channels (dim 1)
+        if channels_first:
+            x = x.movedim(1, -1)
+        if self._applies_factored(rotation):
+            x = rotations.rotate_factored(x, *rotation.factors())
+        else:
+            x = rotations.rotate(x, rotation.forward_blocks(), exact=rotation.exact)
+        return x.movedim(-1, 1) if channels_first else x
 
     def _apply_input(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         # input rotations compose in reverse so that the unmerged and merged forms agree (W' = W R_1 R_2 ...)
         for name in reversed(names):
             if name in self.ortho_in:
                 rot = self.ortho_in[name]
-                x = self._rotate_features(x, rot, rot.forward_blocks())
+                x = self._rotate_features(x, rot)
         return x
 
     def _apply_output(self, y: torch.Tensor, names: list[str]) -> torch.Tensor:
         for name in names:
             if name in self.ortho_out:
                 rot = self.ortho_out[name]
-                y = self._rotate_features(y, rot, rot.forward_blocks())
+                y = self._rotate_features(y, rot)
             if name in self.ortho_magnitude:
                 y = self._scale_features(y, self.ortho_magnitude[name].weight)
         return y
@@ -421,12 +453,18 @@ class OrthoLayer(BaseTunerLayer):
         if self.fold_policy == "always":
             return True
         out_rot, in_rot = self._rotations(names[0])
+
+        def reflections(rot: BlockRotation | None) -> int | None:
+            return rot.weight.shape[1] if rot is not None and self._applies_factored(rot) else None
+
         return rotations.folding_is_cheaper(
             x.numel() // x.shape[-1],
             self.in_features,
             self.out_features,
             out_rot.block_size if out_rot is not None else None,
             in_rot.block_size if in_rot is not None else None,
+            reflections(out_rot),
+            reflections(in_rot),
         )
 
     def _folded_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -29,14 +29,20 @@ __all__ = [
     "cayley_neumann",
     "exponential",
     "householder",
+    "householder_factors",
+    "householder_from_factors",
     "orthogonal_blocks",
+    "orthogonal_factors",
     "identity_parameters",
     "rotate",
+    "rotate_factored",
     "rotate_weight_rows",
     "rotate_weight_columns",
     "fold_into_weight",
     "folded_linear",
     "folding_is_cheaper",
+    "factored_is_cheaper",
+    "rotation_step_cost",
     "invert_blocks",
     "orthogonality_error",
 ]
@@ -145,6 +151,12 @@ def householder(vectors: torch.Tensor) -> torch.Tensor:
     ``H(u_1)...H(u_r) = I - U S U^T`` with ``S^-1 = striu(U^T U) + I/2``, so the cost is three batched products and
     one triangular solve whatever ``r`` is, instead of ``r`` sequential updates.
     """
+    return householder_from_factors(*householder_factors(vectors))
+
+
+def householder_factors(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k, r, b)`` vectors -> ``(U, C)``, both ``(k, r, b)``: unit vectors ``U`` and ``C = S U`` with
+    ``H(u_1)...H(u_r) = I - U^T C`` (the compact UT form, see :func:`householder`)."""
     num_reflections = vectors.shape[1]
     units = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (k, r, b)
     gram = units @ units.mT  # (k, r, r)
@@ -153,7 +165,12 @@ def householder(vectors: torch.Tensor) -> torch.Tensor:
         torch.triu(gram, diagonal=1) + 0.5 * eye_r
     )  # upper triangular, diagonal 1/2: always invertible
     coefficients = torch.linalg.solve_triangular(s_inverse, units, upper=True)  # S U^T: (k, r, b)
-    eye_b = torch.eye(vectors.shape[-1], dtype=vectors.dtype, device=vectors.device)
+    return units, coefficients
+
+
+def householder_from_factors(units: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """The dense ``(k, b, b)`` blocks ``I - U^T C`` of :func:`householder_factors`."""
+    eye_b = torch.eye(units.shape[-1], dtype=units.dtype, device=units.device)
     return eye_b - units.mT @ coefficients
 
 
@@ -335,6 +352,17 @@ def orthogonal_blocks(
         )
 
 
+def orthogonal_factors(
+    params: torch.Tensor, compute_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Householder vectors ``(k, r, b)`` -> the factors ``(U, C)`` of :func:`householder_factors`, computed like
+    :func:`orthogonal_blocks` (upcast to float32 or float64, autocast off)."""
+    if compute_dtype not in (torch.float32, torch.float64):
+        compute_dtype = torch.float32
+    with torch.autocast(device_type=params.device.type, enabled=False):
+        return householder_factors(params.to(compute_dtype))
+
+
 def identity_parameters(
     parametrization: str, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None
 ) -> torch.Tensor:
@@ -395,16 +423,82 @@ def rotate(x: torch.Tensor, blocks: torch.Tensor, *, exact: bool = True) -> torc
     memory-saving backward of :class:`_RotateKeepOutput` is used whenever gradients are needed.
     """
     blocks = blocks.to(x.dtype)
-    width = x.shape[-1]
     num_blocks, block_size, _ = blocks.shape
+    _check_width(x.shape[-1], num_blocks, block_size)
+    if exact and torch.is_grad_enabled() and (x.requires_grad or blocks.requires_grad):
+        return _RotateKeepOutput.apply(x, blocks)
+    return _rotate_rows(x, blocks)
+
+
+def _check_width(width: int, num_blocks: int, block_size: int) -> None:
     # a single (shared) block acts on every consecutive group of block_size features
     if width % block_size or (num_blocks > 1 and num_blocks * block_size != width):
         raise ValueError(
             f"rotation of width {num_blocks}x{block_size} cannot act on features of width {width}"
         )
-    if exact and torch.is_grad_enabled() and (x.requires_grad or blocks.requires_grad):
-        return _RotateKeepOutput.apply(x, blocks)
-    return _rotate_rows(x, blocks)
+
+
+class _RotateFactored(torch.autograd.Function):
+    """``y = R x`` blockwise with ``R = I - U^T C`` kept factored (``U``, ``C``: ``(k, r, b)``), saving ``y``.
+
+    Per block and ``N`` tokens the forward costs ``2·N·b·r`` instead of ``N·b²``: ``y = x - (x C^T) U``. The backward
+    uses ``x = y R`` (``R`` orthogonal) inside low-rank products only, never forming ``x`` or ``R``:
+    ``dx = g - (g U^T) C``, ``dU = -P^T g`` with ``P = x C^T = y C^T - (y U^T)(C C^T)``, and
+    ``dC = -(g U^T)^T x = -((g U^T)^T y - ((g U^T)^T (y U^T)) C)``: six ``N·b·r`` products, so ``8·N·b·r`` per step
+    against ``3·N·b²`` for the dense block.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, units: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        num_blocks, _, block_size = units.shape
+        rows = x.reshape(-1, num_blocks, block_size)
+        u, c = units.to(x.dtype), coefficients.to(x.dtype)
+        projected = torch.einsum("nkb,krb->nkr", rows, c)
+        y = (rows - torch.einsum("nkr,krb->nkb", projected, u)).reshape(x.shape)
+        ctx.save_for_backward(y, units, coefficients)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        y, units, coefficients = ctx.saved_tensors
+        num_blocks, _, block_size = units.shape
+        g = grad_y.reshape(-1, num_blocks, block_size)
+        grad_x = grad_units = grad_coefficients = None
+        if ctx.needs_input_grad[0]:
+            g_u = torch.einsum("nkb,krb->nkr", g, units.to(g.dtype))
+            grad_x = (g - torch.einsum("nkr,krb->nkb", g_u, coefficients.to(g.dtype))).reshape(grad_y.shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            work = (
+                units.dtype
+            )  # parameter gradients accumulate in the factors' dtype (float32 under autocast)
+            g, rows = g.to(work), y.reshape(-1, num_blocks, block_size).to(work)
+            g_u = torch.einsum("nkb,krb->nkr", g, units)
+            y_u = torch.einsum("nkb,krb->nkr", rows, units)
+            if ctx.needs_input_grad[1]:
+                c_ct = coefficients @ coefficients.mT  # (k, r, r)
+                projected = torch.einsum("nkb,krb->nkr", rows, coefficients) - torch.einsum(
+                    "nkr,krs->nks", y_u, c_ct
+                )
+                grad_units = -torch.einsum("nkr,nkb->krb", projected, g)
+            if ctx.needs_input_grad[2]:
+                g_u_y = torch.einsum("nkr,nkb->krb", g_u, rows)
+                g_u_y_u = torch.einsum("nkr,nks->krs", g_u, y_u)
+                grad_coefficients = -(g_u_y - g_u_y_u @ coefficients)
+        return grad_x, grad_units, grad_coefficients
+
+
+def rotate_factored(x: torch.Tensor, units: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """Apply the Householder blocks ``I - U^T C`` (:func:`householder_factors`; ``(k, r, b)`` or ``(1, r, b)``
+    shared) to the last dim of ``x`` without forming them: the same result and gradients as
+    ``rotate(x, householder_from_factors(U, C))`` for ``2·N·d·r`` instead of ``N·d·b`` multiply-adds."""
+    num_blocks, _, block_size = units.shape
+    _check_width(x.shape[-1], num_blocks, block_size)
+    if torch.is_grad_enabled() and (x.requires_grad or units.requires_grad or coefficients.requires_grad):
+        return _RotateFactored.apply(x, units, coefficients)
+    rows = x.reshape(-1, num_blocks, block_size)
+    u, c = units.to(x.dtype), coefficients.to(x.dtype)
+    return (rows - torch.einsum("nkr,krb->nkb", torch.einsum("nkb,krb->nkr", rows, c), u)).reshape(x.shape)
 
 
 def _expand_shared(blocks: torch.Tensor, width: int) -> torch.Tensor:
@@ -536,16 +630,44 @@ def folded_linear(
         return _FoldedLinear.apply(x, weight, bias, out_blocks, in_blocks, compute_dtype)
 
 
-def folding_is_cheaper(
-    num_tokens: int, d_in: int, d_out: int, out_block: int | None, in_block: int | None
-) -> bool:
-    """Whether folding (``~d_out·d_in·b`` per call) beats rotating activations (``~N·d·b`` per rotated side).
+def factored_is_cheaper(block_size: int, num_reflections: int) -> bool:
+    """Whether rotating activations with the factors of ``num_reflections`` Householder reflections (``8·N·b·r``
+    per training step, :class:`_RotateFactored`) beats the dense block (``3·N·b²``: forward, input and block
+    gradients). The token count cancels, so it is a property of the adapter."""
+    return 8 * num_reflections < 3 * block_size
 
-    With output-side rotations alone this is simply ``N > d_in``.
+
+def rotation_step_cost(
+    num_tokens: int, width: int, block_size: int, num_reflections: int | None = None
+) -> int:
+    """Multiply-adds per training step of rotating ``num_tokens`` activations of ``width`` features:
+    ``3·N·d·b`` with dense blocks, ``8·N·d·r`` with factored Householder blocks (``num_reflections=r``)."""
+    if num_reflections is not None and factored_is_cheaper(block_size, num_reflections):
+        return 8 * num_tokens * width * num_reflections
+    return 3 * num_tokens * width * block_size
+
+
+def folding_is_cheaper(
+    num_tokens: int,
+    d_in: int,
+    d_out: int,
+    out_block: int | None,
+    in_block: int | None,
+    out_reflections: int | None = None,
+    in_reflections: int | None = None,
+) -> bool:
+    """Whether folding into the weight beats rotating activations, per training step.
+
+    Folding costs ``2·d_out·d_in·b`` (the fold, in forward and again in backward) plus ``N·d·b`` (the block
+    gradient) per rotated side; rotating costs :func:`rotation_step_cost` per side (``*_reflections``: Householder
+    rotations that may be applied factored). With dense output-side rotations alone this is simply ``N > d_in``.
     """
-    activations = num_tokens * (d_out * (out_block or 0) + d_in * (in_block or 0))
-    folding = d_out * d_in * ((out_block or 0) + (in_block or 0))
-    return activations > folding
+    sides = [
+        (d, b, r) for d, b, r in ((d_out, out_block, out_reflections), (d_in, in_block, in_reflections)) if b
+    ]
+    rotating = sum(rotation_step_cost(num_tokens, d, b, r) for d, b, r in sides)
+    folding = sum(2 * d_out * d_in * b + num_tokens * d * b for d, b, _ in sides)
+    return rotating > folding
 
 
 def invert_blocks(blocks: torch.Tensor, exact: bool) -> torch.Tensor:

@@ -23,13 +23,14 @@ def _model(config: orthora.OrthoConfig, seed: int = 0):
 def _count_builds(monkeypatch) -> list[int]:
     """Record the number of blocks of every orthogonal_blocks call the layers make."""
     calls: list[int] = []
-    real = rotations.orthogonal_blocks
+    for name in ("orthogonal_blocks", "orthogonal_factors"):  # dense blocks, or factored Householder
+        real = getattr(rotations, name)
 
-    def counting(params, *args, **kwargs):
-        calls.append(params.shape[0])
-        return real(params, *args, **kwargs)
+        def counting(params, *args, real=real, **kwargs):
+            calls.append(params.shape[0])
+            return real(params, *args, **kwargs)
 
-    monkeypatch.setattr(rotations, "orthogonal_blocks", counting)
+        monkeypatch.setattr(rotations, name, counting)
     return calls
 
 
