@@ -28,6 +28,7 @@ __all__ = [
     "cayley",
     "cayley_neumann",
     "exponential",
+    "exp_frechet",
     "householder",
     "householder_factors",
     "householder_from_factors",
@@ -140,8 +141,72 @@ def cayley_neumann(generator: torch.Tensor, terms: int) -> torch.Tensor:
 
 
 def exponential(generator: torch.Tensor) -> torch.Tensor:
-    """Exact exponential map ``R = exp(A)`` (a rotation in SO(b))."""
-    return torch.linalg.matrix_exp(generator)
+    """Exact exponential map ``R = exp(A)`` (a rotation in SO(b)); ``torch.linalg.matrix_exp`` forward, and a
+    backward about three times cheaper than torch's (see :class:`_ExpMap`)."""
+    return _ExpMap.apply(generator)
+
+
+#: (Taylor degree, Paterson-Stockmeyer chunk) per dtype for :func:`exp_frechet` on matrices of 1-norm <= 1: the
+#: truncation error of the derivative is about 1/degree!, below the unit roundoff (12! ~ 5e8, 18! ~ 6e15).
+_FRECHET_TAYLOR = {torch.float32: (12, 4), torch.float64: (18, 5)}
+
+
+def _pair_product(x1, y1, x2, y2):
+    """``[[x1, y1], [0, x1]] @ [[x2, y2], [0, x2]]`` as its two distinct blocks (three products, not eight)."""
+    top = x1 @ torch.cat([x2, y2], dim=-1)
+    size = x2.shape[-1]
+    return top[..., :size], top[..., size:] + y1 @ x2
+
+
+def exp_frechet(matrix: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Fréchet derivative ``L(A, E)`` of the matrix exponential: the top-right block of ``exp([[A, E], [0, A]])``.
+
+    Scaling and squaring with a Taylor polynomial evaluated on the block-triangular pair, so every product of
+    ``2b x 2b`` block-triangular matrices costs three ``b x b`` products instead of eight (what
+    ``torch.linalg.matrix_exp``'s backward pays by exponentiating the dense ``2b x 2b`` matrix), and the
+    polynomial is evaluated by Paterson-Stockmeyer (6 pair products for degree 12). ``L`` is linear in ``E``, so
+    only ``A``'s norm sets the number of squarings.
+    """
+    degree, chunk = _FRECHET_TAYLOR[torch.float64 if matrix.dtype == torch.float64 else torch.float32]
+    norm = matrix.abs().sum(dim=-2).amax().item() if matrix.numel() else 0.0  # largest 1-norm in the batch
+    squarings = max(0, math.ceil(math.log2(norm))) if norm > 1 else 0
+    x = matrix / 2**squarings
+    y = direction / 2**squarings
+    eye = _eye_like(matrix).expand_as(matrix)
+    powers = [(eye, torch.zeros_like(y)), (x, y)]  # M^0 .. M^chunk as (block, derivative) pairs
+    while len(powers) <= chunk:
+        powers.append(_pair_product(*powers[-1], x, y))
+    coefficients = [1.0 / math.factorial(j) for j in range(degree + 1)]
+
+    def chunk_sum(start: int):
+        terms = [(coefficients[start + i], powers[i]) for i in range(chunk) if start + i <= degree]
+        return sum(c * p[0] for c, p in terms), sum(c * p[1] for c, p in terms)
+
+    starts = list(range(0, degree + 1, chunk))
+    result = chunk_sum(starts[-1])
+    for start in reversed(starts[:-1]):
+        product = _pair_product(*result, *powers[chunk])
+        block = chunk_sum(start)
+        result = (product[0] + block[0], product[1] + block[1])
+    for _ in range(squarings):
+        result = _pair_product(*result, *result)
+    return result[1]
+
+
+class _ExpMap(torch.autograd.Function):
+    """``exp(A)`` with the backward ``dL/dA = L(A^T, G)`` from :func:`exp_frechet` (torch's uses a dense
+    ``2b x 2b`` exponential, ~8x the forward's cost)."""
+
+    @staticmethod
+    def forward(ctx, generator: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(generator)
+        return torch.linalg.matrix_exp(generator)
+
+    @staticmethod
+    def backward(ctx, grad_rotation: torch.Tensor) -> torch.Tensor:
+        (generator,) = ctx.saved_tensors
+        with torch.autocast(device_type=generator.device.type, enabled=False):
+            return exp_frechet(generator.mT, grad_rotation.to(generator.dtype))
 
 
 def householder(vectors: torch.Tensor) -> torch.Tensor:
