@@ -48,7 +48,15 @@ def test_set_rotation_angle_refuses_maps_whose_angle_it_cannot_set():
 
 def test_summary_table_has_one_row_per_layer_set_and_angle():
     rows = [
-        {"side": side, "layers": layers, "theta": theta, "seed": seed, "sts_drop": 1.0, "token_shift": 0.002}
+        {
+            "side": side,
+            "layers": layers,
+            "theta": theta,
+            "seed": seed,
+            "sts_drop": 1.0,
+            "token_shift": 0.002,
+            "token_cka": 0.003,
+        }
         for side in sensitivity.SIDES
         for layers in sensitivity.LAYER_SETS
         for theta in (0.1, 0.3)
@@ -56,4 +64,15 @@ def test_summary_table_has_one_row_per_layer_set_and_angle():
     ]
     table = sensitivity.summary_markdown({"rows": rows})
     assert table.count("\n") == 2 + len(sensitivity.LAYER_SETS) * 2
-    assert "| writers | 0.3 | 1.00 / 2.0 | 1.00 / 2.0 |" in table
+    assert "| writers | 0.3 | 1.00 / 2.0 / 3.0 | 1.00 / 2.0 / 3.0 |" in table
+
+
+def test_linear_cka_sees_geometry_not_coordinates():
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    q, _ = torch.linalg.qr(
+        torch.randn(16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    )
+    assert sensitivity.linear_cka(x, 3.0 * x @ q) == pytest.approx(1.0, abs=1e-9)  # rotated and scaled: same
+    squashed = x.clone()
+    squashed[:, 8:] *= 0.05  # half of the directions nearly collapsed: another geometry
+    assert sensitivity.linear_cka(x, squashed) < 0.8

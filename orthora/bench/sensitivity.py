@@ -7,7 +7,10 @@ training at all:
 
 * ``sts_drop``: the fall of the zero-shot STS-B score (sentence-level knowledge; see :mod:`.forgetting`);
 * ``token_shift``: the mean ``1 - cos`` between each token's last hidden state before and after, over SQuAD
-  question-context pairs (token-level knowledge, what extractive QA reads its answer spans from).
+  question-context pairs: how far the token coordinates moved (a global rotation of the last layer moves them too,
+  and a freshly trained head would not care);
+* ``token_cka``: ``1 -`` linear CKA between the token states before and after: how much the token-level geometry
+  changed (invariant to rotations and scale of the whole space), what extractive QA reads its answer spans from.
 
 The layer sets separate the layers that *write* into the residual stream (``attention.output.dense`` and the
 feed-forward ``output.dense``: their output is added to the skip connection and normalised per coordinate by the next
@@ -39,7 +42,7 @@ WRITERS = ["attention.output.dense", "output.dense"]
 READERS = ["query", "key", "value", "intermediate.dense"]
 LAYER_SETS = {"all": READERS + WRITERS, "writers": WRITERS, "readers": READERS}
 SIDES = ("output", "input")
-DEFAULT_ANGLES = (0.1, 0.3, 1.0)
+DEFAULT_ANGLES = (0.1, 0.3, 0.5, 1.0)
 
 
 @torch.no_grad()
@@ -101,6 +104,17 @@ def token_states(
     return torch.cat(states)
 
 
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment of two ``(n, d)`` sets of the same ``n`` points (Kornblith et al., 2019).
+
+    1 when ``y`` is an orthogonal transform and rescaling of ``x``; lower as their geometries differ.
+    """
+    x = (x - x.mean(0)).double()
+    y = (y - y.mean(0)).double()
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    return float(cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)))
+
+
 def measure(
     data_dir: Path,
     angles=DEFAULT_ANGLES,
@@ -139,6 +153,7 @@ def measure(
                     shift = (
                         1 - torch.nn.functional.cosine_similarity(states, base_states, dim=-1).mean().item()
                     )
+                    cka = 1 - linear_cka(base_states, states)
                     rows.append(
                         {
                             "side": side,
@@ -148,24 +163,25 @@ def measure(
                             "blocks": blocks,
                             "sts_drop": base_sts - adapted_sts,
                             "token_shift": shift,
+                            "token_cka": cka,
                         }
                     )
                     log(
                         f"{side:6} {layer_set:7} theta={theta:<5g} seed={seed}: STS-B drop "
-                        f"{base_sts - adapted_sts:6.2f}, token shift {shift:.4f} ({time.perf_counter() - started:.0f}s)"
+                        f"{base_sts - adapted_sts:6.2f}, token shift {shift:.4f}, 1-CKA {cka:.4f} ({time.perf_counter() - started:.0f}s)"
                     )
     return {"base_sts": base_sts, "block_size": block_size, "qa_pairs": qa_pairs, "rows": rows}
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
-    """Mean over seeds per (side, layer set, angle): STS-B drop / token shift (x1000)."""
+    """Mean over seeds per (side, layer set, angle): STS-B drop / token shift x1000 / (1 - token CKA) x1000."""
     cells: dict[tuple, list[dict]] = {}
     for row in result["rows"]:
         cells.setdefault((row["layers"], row["theta"], row["side"]), []).append(row)
     angles = sorted({row["theta"] for row in result["rows"]})
     lines = [
         "| layers | angle (rad) | "
-        + " | ".join(f"{s} side: STS-B drop / token shift x1000" for s in SIDES)
+        + " | ".join(f"{s} side: STS-B drop / shift / 1-CKA" for s in SIDES)
         + " |",
         "|---|---|" + "---|" * len(SIDES),
     ]
@@ -179,7 +195,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
                     continue
                 drop = statistics.mean(r["sts_drop"] for r in rows)
                 shift = statistics.mean(r["token_shift"] for r in rows) * 1000
-                parts.append(f"{drop:.2f} / {shift:.1f}")
+                cka = statistics.mean(r["token_cka"] for r in rows) * 1000
+                parts.append(f"{drop:.2f} / {shift:.1f} / {cka:.1f}")
             lines.append(f"| {layer_set} | {theta:g} | " + " | ".join(parts) + " |")
     return "\n".join(lines) + "\n"
 
