@@ -198,7 +198,13 @@ def test_cli_micro_dry_run_writes_results(tmp_path, capsys):
     assert all(
         _finite_positive(v["median_ms"]) for row in saved["rows"] for v in row.values() if isinstance(v, dict)
     )
-    assert "| rotation d=64 tokens=32 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| rotation d=64 tokens=32 |" in out
+    # the A/B rows of the core's speed paths: batched construction, exp's backward, factored Householder
+    cases = {row["case"]: row for row in saved["rows"]}
+    assert set(cases["train step, 2 layers d=64 tokens=16, cayley b=32"]) == {"case", "batched", "per_layer"}
+    assert {"exp_own_backward", "torch_matrix_exp_backward"} < set(cases["exp blocks fwd+bwd, 128x(8x8)"])
+    assert {"factored", "dense"} < set(cases["householder d=64 b=16 r=2 tokens=16"])
 
 
 def test_cli_rejects_unknown_profile(capsys):

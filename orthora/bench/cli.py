@@ -109,7 +109,11 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
 
         torch.set_num_threads(threads or torch.get_num_threads())
         report = cost.run_micro(
-            **({"tokens": 32, "reps": 2, "widths": (64,), "block": 8} if args.dry_run else {})
+            **(
+                {"tokens": 32, "reps": 2, "widths": (64,), "block": 8, "cases": cost.MICRO_DRY_CASES}
+                if args.dry_run
+                else {}
+            )
         )
         report["command"] = command
         return report, cost.micro_markdown(report, command), "micro"

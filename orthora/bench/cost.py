@@ -294,10 +294,29 @@ def run_cost(
     }
 
 
+#: the micro profile's A/B cases of the core's speed paths (issue 10): (layers, width, tokens) of a Linear+GELU stack
+#: trained with batched vs per-layer block construction; block sizes of exp's own backward vs torch's; (width, block,
+#: reflections, tokens) of a factored vs a dense Householder rotation
+MICRO_CASES = {
+    "batched": [(2, 1024, 128), (8, 512, 128), (2, 1024, 512)],
+    "exp_blocks": [32, 128, 256],
+    "householder": [(1024, 256, 8, 512), (1024, 64, 4, 512)],
+}
+MICRO_DRY_CASES = {"batched": [(2, 64, 16)], "exp_blocks": [8], "householder": [(64, 16, 2, 16)]}
+
+
 def run_micro(
-    *, tokens: int = 2048, reps: int = 15, widths: tuple[int, ...] = (384, 1536), block: int = 32, log=print
+    *,
+    tokens: int = 2048,
+    reps: int = 15,
+    widths: tuple[int, ...] = (384, 1536),
+    block: int = 32,
+    cases: Optional[dict] = None,
+    log=print,
 ) -> dict:
-    """Isolated, interleaved fwd+bwd timings: orthora's activation-rotation path vs a LoRA pair (1 thread, CPU)."""
+    """Isolated, interleaved fwd+bwd timings (1 thread, CPU): orthora's activation-rotation path vs a LoRA pair, and
+    A/B pairs of the core's speed paths (:data:`MICRO_CASES`): batched vs per-layer block construction (a whole
+    training step), exp's backward vs torch's, factored vs dense Householder rotations."""
     import torch
 
     from orthora import rotations as rot
@@ -339,9 +358,67 @@ def run_micro(
             {"lora_pair_r8": lora, "orthora_rotate_cayley_b32": orth, "cayley_blocks_only": blocks_only}
         )
         rows.append({"case": f"rotation d={d} tokens={tokens}", **res})
+    rows += _micro_speed_paths(cases or MICRO_CASES, timed)
     for r in rows:
         log(json.dumps(r))
     return {"profile": "micro", "machine": machine_info(), "rows": rows}
+
+
+def _micro_speed_paths(cases: dict, timed) -> list[dict]:
+    """The A/B rows of :func:`run_micro` (see :data:`MICRO_CASES`)."""
+    import peft
+    import torch
+
+    from orthora import OrthoConfig, rotations
+    from orthora.model import OrthoModel
+
+    from .models import LinearStack
+
+    rows = []
+    for layers, width, tokens in cases["batched"]:
+        stack = LinearStack(width, layers).requires_grad_(False)
+        model = peft.get_peft_model(stack, OrthoConfig(target_modules=["proj"], block_size=32))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        x = torch.randn(tokens, width)
+
+        def train_step(batched: bool, model=model, opt=opt, x=x) -> None:
+            OrthoModel.batch_block_construction = batched
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+        try:
+            res = timed({"batched": lambda: train_step(True), "per_layer": lambda: train_step(False)})
+        finally:
+            OrthoModel.batch_block_construction = True
+        rows.append({"case": f"train step, {layers} layers d={width} tokens={tokens}, cayley b=32", **res})
+    for b in cases["exp_blocks"]:
+        k = max(1, 1024 // b)
+        params = (0.1 * torch.randn(k, b * (b - 1) // 2)).requires_grad_()
+
+        def ours(params=params, b=b) -> None:
+            rotations.orthogonal_blocks(params, "exp", b).sum().backward()
+
+        def torchs(params=params, b=b) -> None:
+            torch.linalg.matrix_exp(rotations.skew_symmetric(params, b)).sum().backward()
+
+        res = timed({"exp_own_backward": ours, "torch_matrix_exp_backward": torchs})
+        rows.append({"case": f"exp blocks fwd+bwd, {k}x({b}x{b})", **res})
+    for width, b, reflections, tokens in cases["householder"]:
+        vectors = torch.randn(width // b, reflections, b, requires_grad=True)
+        x0 = torch.randn(tokens, width)
+
+        def factored(vectors=vectors, x0=x0) -> None:
+            x = x0.clone().requires_grad_()
+            rotations.rotate_factored(x, *rotations.householder_factors(vectors)).sum().backward()
+
+        def dense(vectors=vectors, x0=x0) -> None:
+            x = x0.clone().requires_grad_()
+            rotations.rotate(x, rotations.householder(vectors)).sum().backward()
+
+        res = timed({"factored": factored, "dense": dense})
+        rows.append({"case": f"householder d={width} b={b} r={reflections} tokens={tokens}", **res})
+    return rows
 
 
 def micro_markdown(report: dict, command: str) -> str:
