@@ -241,6 +241,7 @@ def test_quality_profile_cli_renders_finished_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "| lora | 100 | 81.0 ± 1.0 (forgot 10.0; lr 0.001, n=3)" in out.stdout
     assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert (tmp_path / "plot_tradeoff.png").stat().st_size > 1000
 
 
 def test_forgetting_scores_the_adapted_encoder_not_the_base(tiny_train_models):

@@ -744,6 +744,51 @@ def learn_forget_plot(summary: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def tradeoff_plot(runs: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path) -> Path:
+    """Score against forgetting for every learning rate tried on seed 0, one line per method and a panel per task.
+
+    A method's point at its best LR says little on its own, because a lower LR forgets less and learns less for
+    every method; the curves show the whole trade-off, so methods are compared at equal forgetting or equal score.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in tasks if any(r["task"] == t for r in runs)]
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=False):
+        by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in runs:
+            if (
+                r["task"] == task
+                and r["seed"] == 0
+                and r.get("score") is not None
+                and r.get("forgetting") is not None
+            ):
+                by_method[r["method"]].append(r)
+        for method, points in sorted(by_method.items()):
+            points.sort(key=lambda r: r["lr"])
+            line = ax.plot(
+                [r["forgetting"] for r in points], [r["score"] * 100 for r in points], "o-", label=method
+            )
+            for r in points:
+                ax.annotate(
+                    f"{r['lr']:g}", (r["forgetting"], r["score"] * 100), fontsize=6, color=line[0].get_color()
+                )
+        ax.set_title(task)
+        ax.set_xlabel("zero-shot STS-B drop, points")
+        ax.set_ylabel("score x100 (seed 0)")
+        ax.grid(alpha=0.3)
+    if tasks:
+        axes[0][0].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--profile quality`` options (see docs/benchmarks.md)."""
@@ -773,7 +818,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--runs-dir", default=str(RUNS_DIR), help="one JSON per finished run")
     group.add_argument("--max-runs", type=int, default=None, help="stop this process after N runs")
     group.add_argument("--render", action="store_true", help="only summarise the finished runs in --runs-dir")
-    group.add_argument("--plot", default=None, help="also draw the learn-vs-forget plot to this PNG")
+    group.add_argument(
+        "--plot",
+        default=None,
+        help="also draw the learn-vs-forget plot to this PNG (and every LR's trade-off to <name>_tradeoff.png)",
+    )
 
 
 def _split(text: str) -> list[str]:
@@ -848,6 +897,7 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
     markdown = quality_markdown(summary, tasks, trivial)
     if args.plot:
         learn_forget_plot(summary, Path(args.plot))
+        tradeoff_plot(runs, tasks, Path(args.plot).with_name(Path(args.plot).stem + "_tradeoff.png"))
     report = {
         "profile": "quality",
         "command": command,
