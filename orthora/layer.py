@@ -119,8 +119,10 @@ class BlockRotation(nn.Module):
         self.weight = nn.Parameter(
             initialise(stored_blocks, block_size, config.num_reflections, scale=self.scale)
         )
-        #: Householder rotations whose factored form is cheaper to apply than dense blocks keep their factors
-        self.factorable = not spec.uses_generator and rotations.factored_is_cheaper(
+        #: Householder rotations are built as their factors ``(U, C)`` (dense blocks are one product away) and
+        #: rotate activations through them when that is cheaper (OrthoLayer.factor_policy)
+        self.factored = not spec.uses_generator
+        self.factored_is_cheaper = self.factored and rotations.factored_is_cheaper(
             block_size, config.num_reflections
         )
         self._cache: Optional[tuple[tuple, tuple[torch.Tensor, ...]]] = None
@@ -141,7 +143,6 @@ class BlockRotation(nn.Module):
             self.neumann_terms,
             self.max_angle,
             self.scale,
-            self.factorable,
             w.dtype,
             w.device,
             tuple(w.shape[1:]),
@@ -152,9 +153,9 @@ class BlockRotation(nn.Module):
         return (w._version, w.data_ptr(), w.device, w.dtype)
 
     def _build(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """What this rotation builds from (possibly concatenated) parameters: ``(blocks,)``, or for a factored
-        Householder rotation its factors ``(U, C)`` (:func:`rotations.householder_factors`)."""
-        if self.factorable:
+        """What this rotation builds from (possibly concatenated) parameters: ``(blocks,)``, or for Householder
+        rotations their factors ``(U, C)`` (:func:`rotations.householder_factors`)."""
+        if self.factored:
             return rotations.orthogonal_factors(params, compute_dtype=params.dtype)
         blocks = rotations.orthogonal_blocks(
             params,
@@ -185,13 +186,13 @@ class BlockRotation(nn.Module):
     def blocks(self) -> torch.Tensor:
         """The ``(k or 1, b, b)`` orthogonal blocks in float32 (float64 if the parameters are float64)."""
         built = self._built()
-        return rotations.householder_from_factors(*built) if self.factorable else built[0]
+        return rotations.householder_from_factors(*built) if self.factored else built[0]
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U, C)`` with blocks ``I - U^T C``; only for a factored Householder rotation (:attr:`factorable`)."""
-        if not self.factorable:
+        """``(U, C)`` with blocks ``I - U^T C``; only for Householder rotations (:attr:`factored`)."""
+        if not self.factored:
             raise ValueError(
-                f"{self.parametrization} rotations with block {self.block_size} are not factored"
+                f"{self.parametrization} rotations have no factors; only householder rotations do"
             )
         return self._built()
 
@@ -294,8 +295,8 @@ class OrthoLayer(BaseTunerLayer):
     #: "auto": fold exact rotations into the frozen weight when that is cheaper (see rotations.folding_is_cheaper);
     #: "never": always rotate activations; "always": fold whenever possible (tests, benchmarks).
     fold_policy: str = "auto"
-    #: "auto": Householder rotations whose factored form is cheaper (rotations.factored_is_cheaper) rotate
-    #: activations through their factors; "never": always through dense blocks (tests, benchmarks).
+    #: "auto": Householder rotations rotate activations through their factors when that is cheaper
+    #: (rotations.factored_is_cheaper); "always": whenever they are Householder; "never": through dense blocks.
     factor_policy: str = "auto"
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -372,7 +373,9 @@ class OrthoLayer(BaseTunerLayer):
         """Whether ``rotation`` rotates activations through its Householder factors instead of dense blocks
         (module dropout replaces whole blocks, so it keeps the dense form)."""
         dropout = rotation.training and rotation.module_dropout > 0
-        return rotation.factorable and self.factor_policy == "auto" and not dropout
+        if not rotation.factored or dropout or self.factor_policy == "never":
+            return False
+        return self.factor_policy == "always" or rotation.factored_is_cheaper
 
     def _rotate_features(self, x: torch.Tensor, rotation: BlockRotation) -> torch.Tensor:
         channels_first = self.kind == "conv2d"  # rotate channels (dim 1)

@@ -695,20 +695,30 @@ def folded_linear(
         return _FoldedLinear.apply(x, weight, bias, out_blocks, in_blocks, compute_dtype)
 
 
+#: Extra cost per activation of the factored path, in multiply-add equivalents: it makes about nine more passes
+#: over the activations than the dense one (six small-rank products instead of two block products), which on CPU
+#: costs as much as ~192 multiply-adds per element. Fitted to `python -m orthora.bench --profile micro` and an r/b
+#: grid (2026-11-30, 1 thread): factored is faster at b = 128 for r <= 16 and at b = 256 for r <= 32, slower at
+#: b <= 64 whatever r.
+FACTORED_PASS_OVERHEAD = 192
+
+
 def factored_is_cheaper(block_size: int, num_reflections: int) -> bool:
-    """Whether rotating activations with the factors of ``num_reflections`` Householder reflections (``8·N·b·r``
-    per training step, :class:`_RotateFactored`) beats the dense block (``3·N·b²``: forward, input and block
-    gradients). The token count cancels, so it is a property of the adapter."""
-    return 8 * num_reflections < 3 * block_size
+    """Whether rotating activations with the factors of ``num_reflections`` Householder reflections
+    (:class:`_RotateFactored`: ``8·N·b·r`` multiply-adds per training step plus its extra passes,
+    :data:`FACTORED_PASS_OVERHEAD`) beats the dense block (``3·N·b²``: forward, input and block gradients).
+    The token count cancels, so it is a property of the adapter."""
+    return 8 * num_reflections + FACTORED_PASS_OVERHEAD < 3 * block_size
 
 
 def rotation_step_cost(
     num_tokens: int, width: int, block_size: int, num_reflections: int | None = None
 ) -> int:
-    """Multiply-adds per training step of rotating ``num_tokens`` activations of ``width`` features:
-    ``3·N·d·b`` with dense blocks, ``8·N·d·r`` with factored Householder blocks (``num_reflections=r``)."""
+    """Cost per training step of rotating ``num_tokens`` activations of ``width`` features, in multiply-adds:
+    ``3·N·d·b`` with dense blocks, ``N·d·(8r + overhead)`` with factored Householder blocks (``num_reflections=r``)
+    where :func:`factored_is_cheaper`."""
     if num_reflections is not None and factored_is_cheaper(block_size, num_reflections):
-        return 8 * num_tokens * width * num_reflections
+        return num_tokens * width * (8 * num_reflections + FACTORED_PASS_OVERHEAD)
     return 3 * num_tokens * width * block_size
 
 

@@ -79,10 +79,13 @@ def test_cost_model():
     # dense: folding wins exactly when tokens exceed the input width (output side), as before
     assert rotations.folding_is_cheaper(1025, 1024, 1024, 32, None)
     assert not rotations.folding_is_cheaper(1024, 1024, 1024, 32, None)
-    # factored Householder: 8·r < 3·b, whatever the token count
-    assert rotations.factored_is_cheaper(256, 8) and not rotations.factored_is_cheaper(32, 16)
-    assert rotations.rotation_step_cost(10, 64, 256, 8) == 8 * 10 * 64 * 8
-    assert rotations.rotation_step_cost(10, 64, 32, 16) == 3 * 10 * 64 * 32
+    # factored Householder: 8·r + overhead < 3·b, whatever the token count (measured: wins at b >= 128 only)
+    assert rotations.factored_is_cheaper(256, 8) and rotations.factored_is_cheaper(128, 16)
+    assert not rotations.factored_is_cheaper(64, 2) and not rotations.factored_is_cheaper(128, 32)
+    assert rotations.rotation_step_cost(10, 64, 256, 8) == 10 * 64 * (
+        8 * 8 + rotations.FACTORED_PASS_OVERHEAD
+    )
+    assert rotations.rotation_step_cost(10, 64, 32, 2) == 3 * 10 * 64 * 32
     # with 8 reflections per 256-block the factored rotation beats folding even at 4096 tokens on a 1024 width
     assert rotations.folding_is_cheaper(4096, 1024, 1024, 256, None)
     assert not rotations.folding_is_cheaper(4096, 1024, 1024, 256, None, out_reflections=8)
@@ -115,7 +118,8 @@ def test_factored_layers_match_dense_blocks(side, checkpointing, monkeypatch):
     model = peft.get_peft_model(_llama(), config)
     model.train()
     rotation = next(m for m in model.modules() if isinstance(m, orthora.layer.BlockRotation))
-    assert rotation.factorable  # 2 reflections per 16-block: 16 < 48
+    assert rotation.factored and not rotation.factored_is_cheaper  # tiny blocks: "always" forces the path
+    monkeypatch.setattr(OrthoLayer, "factor_policy", "always")
     if checkpointing:
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
@@ -131,7 +135,7 @@ def test_factored_layers_match_dense_blocks(side, checkpointing, monkeypatch):
     calls.clear()
     _assert_same(factored, _loss_and_grads(model, batch))
     assert not calls
-    monkeypatch.setattr(OrthoLayer, "factor_policy", "auto")
+    monkeypatch.setattr(OrthoLayer, "factor_policy", "always")
     with torch.no_grad():  # evaluation (cached factors) too
         model.eval()
         logits = model(**batch).logits
@@ -140,12 +144,20 @@ def test_factored_layers_match_dense_blocks(side, checkpointing, monkeypatch):
 
 
 def test_factored_path_choice_and_fallbacks(monkeypatch):
-    """Many reflections keep dense blocks; module dropout keeps dense blocks; Conv2d channels go factored."""
-    dense = orthora.OrthoConfig(
-        target_modules=TARGETS, block_size=16, parametrization="householder", num_reflections=6
-    )
-    model = peft.get_peft_model(_llama(), dense)
-    assert not any(m.factorable for m in model.modules() if isinstance(m, orthora.layer.BlockRotation))
+    """The cost model picks the path ("auto"); module dropout keeps dense blocks; Conv2d channels go factored."""
+    for reflections, expected in ((8, True), (80, False)):  # 8·8 + 192 < 3·256 < 8·80 + 192
+        config = orthora.OrthoConfig(
+            target_modules=["0"], block_size=256, parametrization="householder", num_reflections=reflections
+        )
+        model = peft.get_peft_model(nn.Sequential(nn.Linear(256, 256)), config)
+        called = []
+        real = rotations.rotate_factored
+        monkeypatch.setattr(
+            rotations, "rotate_factored", lambda *a, real=real, called=called: called.append(1) or real(*a)
+        )
+        model(torch.randn(3, 256))
+        monkeypatch.setattr(rotations, "rotate_factored", real)
+        assert bool(called) == expected, reflections
 
     conv = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))
     conv_model = peft.get_peft_model(
@@ -161,7 +173,7 @@ def test_factored_path_choice_and_fallbacks(monkeypatch):
     x = torch.randn(2, 16, 5, 5, requires_grad=True)
     weights = torch.randn(2, 32, 5, 5)  # not rotation-invariant, unlike sum(y**2)
     outputs = []
-    for policy in ("auto", "never"):
+    for policy in ("always", "never"):
         monkeypatch.setattr(OrthoLayer, "factor_policy", policy)
         y = conv_model(x)
         outputs.append(
@@ -175,7 +187,7 @@ def test_factored_path_choice_and_fallbacks(monkeypatch):
     for got, want in zip(*outputs, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
-    monkeypatch.setattr(OrthoLayer, "factor_policy", "auto")
+    monkeypatch.setattr(OrthoLayer, "factor_policy", "always")
     dropout = orthora.OrthoConfig(
         target_modules=TARGETS, block_size=16, parametrization="householder", module_dropout=0.5
     )
