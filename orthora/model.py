@@ -204,7 +204,8 @@ class OrthoModel(BaseTuner):
         if isinstance(num_beams, int) and num_beams > 1:  # generate() repeats each sample num_beams times
             per_row = [n for n in adapter_names for _ in range(num_beams)]
         handles = []
-        routed = (OrthoLayer, AuxiliaryTrainingWrapper)  # rotations and each adapter's modules_to_save (heads)
+        # the rotations, and each adapter's modules_to_save copies (its heads)
+        routed = (OrthoLayer, AuxiliaryTrainingWrapper)
         for module in self.modules():
             if isinstance(module, routed):
                 handles.append(
