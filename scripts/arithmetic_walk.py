@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from orthora.train.data import default_data_dir  # noqa: E402
 from orthora.train.quickstart import local_minilm_path  # noqa: E402
 from orthora.train.walk import WalkConfig, run_walk  # noqa: E402
 
@@ -27,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    shared = os.environ.get("ORTHORA_SHARED_DATA", str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--data-dir", default=str(Path(shared) / "glue"), help="folder with <task>/*.jsonl")
+    parser.add_argument(
+        "--data-dir", default=str(default_data_dir() / "glue"), help="folder with <task>/*.jsonl"
+    )
     parser.add_argument("--model", default=None, help="model path (default: the installed all-MiniLM-L6-v2)")
     parser.add_argument("--tasks", default="sst2,stsb")
     parser.add_argument("--train-samples", type=int, default=1500)

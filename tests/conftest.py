@@ -133,8 +133,8 @@ def fake_hub(tmp_path, monkeypatch):
     """
     import huggingface_hub.hf_api
     import transformers.utils.hub
-    from huggingface_hub import constants
     from hub_server import FakeHub
+    from huggingface_hub import constants
 
     with FakeHub(tokens={HUB_TOKEN: "alice"}) as hub:
         cache = tmp_path / "hf_cache"

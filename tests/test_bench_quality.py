@@ -242,6 +242,11 @@ def test_quality_profile_cli_renders_finished_runs(tmp_path):
     assert "| lora | 100 | 81.0 ± 1.0 (forgot 10.0; lr 0.001, n=3)" in out.stdout
     assert (tmp_path / "plot.png").stat().st_size > 1000
     assert (tmp_path / "plot_tradeoff.png").stat().st_size > 1000
+    # the same command on a protocol with no finished runs: one line that says so, no plot
+    again = subprocess.run(
+        out.args + ["--head-lr", "0.01"], capture_output=True, text=True, env=os.environ, timeout=300
+    )
+    assert again.returncode == 1 and again.stderr.strip().splitlines()[-1].startswith("no finished runs in ")
 
 
 def test_forgetting_scores_the_adapted_encoder_not_the_base(tiny_train_models):

@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orthora.train.adapters import build_adapter_config
+from orthora.train.data import DATA_DIR_ENV, default_data_dir
 from orthora.train.engine import write_json_atomic as write_atomic
 from orthora.train.recipes.glue import GLUE_METRICS
 from orthora.train.recipes.qa import SQUAD_METRICS
 
 from .budgets import MethodSpec, matched_methods, targeted_widths, trainable_params
 from .models import BERT_TARGETS, minilm_path
-from .report import REPO, RESULTS_DIR, fmt, machine_info
+from .report import RESULTS_DIR, fmt, machine_info
 
 GLUE_TASKS = ("sst2", "mrpc", "stsb", "cola", "rte")
 QA_TASKS = ("squad",)
@@ -50,7 +51,6 @@ SANITY_MARGIN = 0.02
 LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 DEFAULT_START_LRS = (3e-4, 1e-3, 3e-3)
 RUNS_DIR = RESULTS_DIR / "quality-runs"
-DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
 
 
 # ------------------------------------------------------------------------------------------------------ methods
@@ -814,7 +814,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--sts-pairs", type=int, default=None, help="cap on STS-B pairs for forgetting")
     group.add_argument("--model", default=None, help="model path (default: all-MiniLM-L6-v2)")
-    group.add_argument("--data-dir", default=os.environ.get("ORTHORA_DATA_DIR", str(DEFAULT_DATA_DIR)))
+    group.add_argument("--data-dir", default=str(default_data_dir()), help=f"default: ${DATA_DIR_ENV}")
     group.add_argument("--runs-dir", default=str(RUNS_DIR), help="one JSON per finished run")
     group.add_argument("--max-runs", type=int, default=None, help="stop this process after N runs")
     group.add_argument("--render", action="store_true", help="only summarise the finished runs in --runs-dir")
@@ -892,6 +892,11 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
         and (r["target_set"], r["method"], r.get("fingerprint")) in current
         and r.get("head_lr") == protocol.head_learning_rate
     ]
+    if not runs:
+        raise SystemExit(
+            f"no finished runs in {runs_dir} for tasks {', '.join(tasks)}, methods {', '.join(names)} and target "
+            f"set(s) {', '.join(target_sets)} (head LR {protocol.head_learning_rate}); nothing to summarise"
+        )
     trivial = {t: trivial_score(t, data_dir, args.eval_samples) for t in tasks}
     summary = summarize(runs, tasks, trivial)
     markdown = quality_markdown(summary, tasks, trivial)

@@ -203,10 +203,10 @@ def summary_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .quality import DEFAULT_DATA_DIR
+    from orthora.train.data import default_data_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--angles", default=",".join(map(str, DEFAULT_ANGLES)))
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--sts-pairs", type=int, default=None)

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import datasets
 
 from .config import ConfigError, TrainConfig
+
+#: environment variable naming the folder of benchmark data in the Hub's schemas (``glue/<task>/*.jsonl``, ``squad/``)
+DATA_DIR_ENV = "ORTHORA_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """The benchmark data folder: ``$ORTHORA_DATA_DIR``, else ``shared/data`` beside a source checkout."""
+    return Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[3] / "shared" / "data")
+
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv"}
 
