@@ -44,6 +44,25 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def check_adapter_name(name: Any) -> None:
+    """Refuse a name the adapter's ``nn.ModuleDict`` tables cannot hold, before any layer is touched.
+
+    torch rejects such keys deep inside ``update_layer`` ("attribute 'half' already exists"), half-way through
+    wrapping the model; orthora says why up front.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
+    if "." in name:
+        raise ValueError(f"adapter_name {name!r} contains '.', which module names cannot; choose another name")
+    if name == BASE_ADAPTER_NAME:
+        raise ValueError(f"adapter_name {name!r} is reserved for the base model in mixed batches")
+    if hasattr(nn.ModuleDict, name):
+        raise ValueError(
+            f"adapter_name {name!r} is the name of a torch.nn.Module attribute ({name!r}), so it cannot be a module "
+            f"key; choose another name, e.g. {name + '_adapter'!r}"
+        )
+
+
 def discard_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove every trace of ``adapter_name`` from ``model``; layers left without adapters get their base back.
 
@@ -135,6 +154,7 @@ class OrthoModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        check_adapter_name(adapter_name)
         existing = next((key for key, m in _orthora_layers(model) if m._has_adapter(adapter_name)), None)
         if existing is not None:
             raise ValueError(

@@ -49,6 +49,29 @@ def test_partial_failure_modifies_nothing():
     assert not any(isinstance(m, OrthoLayer) for m in base.modules())
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("half", "adapter_name 'half' is the name of a torch.nn.Module attribute"),
+        ("to", "adapter_name 'to' is the name of a torch.nn.Module attribute"),
+        ("a.b", "adapter_name 'a.b' contains '.'"),
+        ("__base__", "adapter_name '__base__' is reserved"),
+    ],
+)
+def test_adapter_names_modules_cannot_hold_are_refused_up_front(name, text):
+    base = tiny_bert()
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=text):
+        get_peft_model(base, OrthoConfig(target_modules=["query"], block_size=16), adapter_name=name)
+    assert_unchanged(base, before)
+    model = get_peft_model(base, OrthoConfig(target_modules=["query"], block_size=16))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=text):
+        model.add_adapter(name, OrthoConfig(target_modules=["query"], block_size=16))
+    assert_unchanged(model, before)
+    assert name not in model.peft_config
+
+
 def test_block_size_and_num_blocks_both_or_neither():
     with pytest.raises(
         ValueError, match="set exactly one of block_size and num_blocks, got block_size=16 and num_blocks=4"
