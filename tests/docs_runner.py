@@ -17,8 +17,8 @@ Rules (also stated for readers in docs/usage.md, "How the examples are tested"):
     full run);
   - ``python scripts/arithmetic_walk.py`` runs the smoke form of its own docstring;
   - ``python -m pytest ...`` only collects the tests it names (running the suite is CI's own job);
-  - benchmark commands (``python -m orthora.bench``, ``python scripts/benchmark.py``) are parsed by the
-    benchmark's own parser, with every quality method, task and target set resolved, but not run: even their
+  - benchmark commands (``python -m orthora.bench``, ``python scripts/benchmark.py``, and
+    ``python -m orthora.bench.sensitivity``) are parsed by the benchmark's own parser (the probe's own), with every quality method, task and target set resolved, but not run: even their
     ``--dry-run`` forms take minutes here, and tests/test_benchmark.py runs the dry run of every profile.
 
   So a wrong flag, a removed option or an unknown method still fails. Everything else runs as written.
@@ -106,6 +106,11 @@ python() {  # long runs take their smoke form (the substitutions are appended, s
     command python "$@" --train-samples 32 --epochs 1 --eval-samples 64 --points 3
   elif [[ "${1:-}" == -m && "${2:-}" == pytest ]]; then  # the suite itself is what CI runs: collect only
     command python "$@" --collect-only -q
+  elif [[ "${1:-}" == -m && "${2:-}" == orthora.bench.sensitivity ]]; then
+    # ten minutes on the shared data: recorded, then parsed by the probe's own parser (check_benchmark_command)
+    shift 2
+    printf '@sensitivity\x1f%s' "$(printf '%s\x1f' "$@")" >> "$DOCS_RUNNER_BENCH_LOG"
+    printf '\x1e' >> "$DOCS_RUNNER_BENCH_LOG"
   elif [[ "${1:-}" == scripts/benchmark.py || ( "${1:-}" == -m && "${2:-}" == orthora.bench ) ]]; then
     # hours of measurement: recorded here, then parsed by the benchmark's own parser after the block
     # (check_benchmark_command); the dry run of every profile is tested in tests/test_benchmark.py
@@ -176,10 +181,19 @@ def check_benchmark_command(block: Block, argv: list[str]) -> None:
     import contextlib
     import io
 
-    from orthora.bench import quality
+    from orthora.bench import quality, sensitivity
     from orthora.bench.cli import build_parser
 
     errors = io.StringIO()
+    if argv[:1] == ["@sensitivity"]:
+        try:
+            with contextlib.redirect_stderr(errors):
+                sensitivity.build_parser().parse_args(argv[1:])
+        except SystemExit as stop:
+            raise AssertionError(
+                f"{block.where}: sensitivity command {' '.join(argv[1:])!r}: {errors.getvalue()}"
+            ) from stop
+        return
     try:
         with contextlib.redirect_stderr(errors):
             args = build_parser().parse_args(argv)

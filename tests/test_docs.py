@@ -77,6 +77,7 @@ def test_bash_prelude_checks_benchmark_commands_without_running_them(tmp_path):
     workdir = docs_runner.make_workdir(tmp_path)
     good = (
         "python scripts/benchmark.py --profile scaling\n"
+        "python -m orthora.bench.sensitivity --sts-pairs 500 --out x.json\n"
         'python -m orthora.bench --profile quality --quality-methods "lora,orthora[side=input,block_size=16]" --render\n'
         'pip install -e ".[dev]"\n'
         "echo done\n"
@@ -88,6 +89,7 @@ def test_bash_prelude_checks_benchmark_commands_without_running_them(tmp_path):
         ("python -m orthora.bench --profile quality --quality-methods bogus", "bogus"),
         ("python -m orthora.bench --profile quality --tasks sst2,imdb", "imdb"),
         ('pip install -e ".[nonexistent]"', "no extra"),
+        ("python -m orthora.bench.sensitivity --out x.json --angle 0.1", "angle"),
     ):
         with pytest.raises(AssertionError, match=message):
             docs_runner.run_bash(docs_runner.Block(DOCS / "x.md", 1, "bash", bad), workdir)

@@ -202,7 +202,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The probe's command line (``python -m orthora.bench.sensitivity``)."""
     from orthora.train.data import default_data_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -214,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, required=True, help="JSON results; the table goes next to it (.md)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result = measure(
         args.data_dir,
         angles=[float(a) for a in args.angles.split(",")],
