@@ -89,7 +89,7 @@ def test_bash_prelude_checks_benchmark_commands_without_running_them(tmp_path):
         ("python -m orthora.bench --profile quality --quality-methods bogus", "bogus"),
         ("python -m orthora.bench --profile quality --tasks sst2,imdb", "imdb"),
         ('pip install -e ".[nonexistent]"', "no extra"),
-        ("python -m orthora.bench.sensitivity --out x.json --angle 0.1", "angle"),
+        ("python -m orthora.bench.sensitivity --out x.json --theta 0.1", "theta"),
     ):
         with pytest.raises(AssertionError, match=message):
             docs_runner.run_bash(docs_runner.Block(DOCS / "x.md", 1, "bash", bad), workdir)
