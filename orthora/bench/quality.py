@@ -717,6 +717,47 @@ def quality_markdown(
     return "\n".join(lines)
 
 
+def head_rate_markdown(runs: Sequence[dict[str, Any]], head_lr: float) -> str:
+    """Pairs of runs that differ only in the head's learning rate (its adapter LR vs ``head_lr``), same seed:
+    how much of a method's task score and forgetting is the head's rate rather than the method."""
+    by_key = {
+        (
+            r["target_set"],
+            r["task"],
+            r["method"],
+            r.get("fingerprint"),
+            r["lr"],
+            r["seed"],
+            r.get("head_lr"),
+        ): r
+        for r in runs
+        if r.get("score") is not None
+    }
+    rows = []
+    for (target_set, task, method, fp, lr, seed, head), fast in sorted(by_key.items(), key=str):
+        if head != head_lr:
+            continue
+        same = by_key.get((target_set, task, method, fp, lr, seed, None))
+        if same is None:
+            continue
+        rows.append(
+            f"| {task} | {method} | {lr:g} | {seed} | {same['score'] * 100:.1f} / {same['forgetting']:.1f} | "
+            f"{fast['score'] * 100:.1f} / {fast['forgetting']:.1f} |"
+        )
+    if not rows:
+        return ""
+    return "\n".join(
+        [
+            f"#### The head's learning rate: at the adapter's LR vs at {head_lr:g} (score x100 / STS-B points forgotten)",
+            "",
+            f"| task | method | adapter LR | seed | head at the adapter's LR | head at {head_lr:g} |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+
+
 def learn_forget_plot(summary: dict[str, dict[str, Any]], path: Path) -> Path:
     """Learned (mean score over the tasks every method passed) against forgotten (zero-shot STS-B drop on those same
     tasks), one point per method and a panel per target set, so every point is measured on the same tasks."""
@@ -900,6 +941,15 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
     trivial = {t: trivial_score(t, data_dir, args.eval_samples) for t in tasks}
     summary = summarize(runs, tasks, trivial)
     markdown = quality_markdown(summary, tasks, trivial)
+    if (
+        protocol.head_learning_rate is not None
+    ):  # the same settings with the head at each run's LR, where both ran
+        every_head = [
+            r
+            for r in load_runs(runs_dir)
+            if r["task"] in tasks and (r["target_set"], r["method"], r.get("fingerprint")) in current
+        ]
+        markdown += "\n" + head_rate_markdown(every_head, protocol.head_learning_rate)
     if args.plot:
         learn_forget_plot(summary, Path(args.plot))
         tradeoff_plot(runs, tasks, Path(args.plot).with_name(Path(args.plot).stem + "_tradeoff.png"))
