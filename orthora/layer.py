@@ -247,8 +247,8 @@ class _StepBlocks:
 def build_step_blocks(rotation_modules: list[BlockRotation]) -> None:
     """Build the blocks of every rotation sharing a :meth:`BlockRotation.group_key` in one batched call.
 
-    Called once per forward with autograd (by ``OrthoModel.forward``): one construction per (parametrization, block
-    size, dtype, device) instead of one per layer, with the same blocks (every map acts on each block alone) and
+    Called once per PeftModel forward with autograd (by ``OrthoModel._enable_peft_forward_hooks``): one
+    construction per (parametrization, block size, dtype, device) instead of one per layer, with the same blocks (every map acts on each block alone) and
     the same gradients (the concatenation's backward splits them). Each rotation keeps its slice for this step.
     """
     groups: dict[tuple, list[BlockRotation]] = {}
