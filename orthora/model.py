@@ -53,7 +53,9 @@ def check_adapter_name(name: Any) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
     if "." in name:
-        raise ValueError(f"adapter_name {name!r} contains '.', which module names cannot; choose another name")
+        raise ValueError(
+            f"adapter_name {name!r} contains '.', which module names cannot; choose another name"
+        )
     if name == BASE_ADAPTER_NAME:
         raise ValueError(f"adapter_name {name!r} is reserved for the base model in mixed batches")
     if hasattr(nn.ModuleDict, name):

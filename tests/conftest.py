@@ -19,10 +19,31 @@ _NOUNS = ["film", "movie", "story", "plot", "cast", "ending", "song", "book"]
 _PEOPLE = ["anna", "boris", "carla", "dmitri", "elena", "farid", "greta", "hugo"]
 _CITIES = ["paris", "lima", "oslo", "cairo", "quito", "delhi", "rome", "seoul"]
 _FILLER = "the weather there was mild and the streets were quiet ."
-_EN_DE = {"the": "die", "red": "rote", "small": "kleine", "green": "grüne", "cat": "katze", "dog": "hund",
-          "bird": "vogel", "sees": "sieht", "likes": "mag", "follows": "folgt"}
-_WORDS = sorted(set(_POSITIVE + _NEGATIVE + _NOUNS + _PEOPLE + _CITIES + list(_EN_DE) + list(_EN_DE.values())
-                    + _FILLER.split() + "was a lives in where does live ? .".split()))
+_EN_DE = {
+    "the": "die",
+    "red": "rote",
+    "small": "kleine",
+    "green": "grüne",
+    "cat": "katze",
+    "dog": "hund",
+    "bird": "vogel",
+    "sees": "sieht",
+    "likes": "mag",
+    "follows": "folgt",
+}
+_WORDS = sorted(
+    set(
+        _POSITIVE
+        + _NEGATIVE
+        + _NOUNS
+        + _PEOPLE
+        + _CITIES
+        + list(_EN_DE)
+        + list(_EN_DE.values())
+        + _FILLER.split()
+        + "was a lives in where does live ? .".split()
+    )
+)
 
 
 def synthetic_rows(kind: str, count: int, seed: int = 0) -> list[dict]:
@@ -43,12 +64,28 @@ def synthetic_rows(kind: str, count: int, seed: int = 0) -> list[dict]:
             answers = {"text": [], "answer_start": []}
             if answerable:
                 city = cities[people.index(person)]
-                answers = {"text": [city], "answer_start": [context.index(f"{person} lives in {city}") + len(f"{person} lives in ")]}
-            rows.append({"id": f"q{i}", "title": "t", "context": context, "question": f"where does {person} live ?",
-                         "answers": answers})
+                answers = {
+                    "text": [city],
+                    "answer_start": [context.index(f"{person} lives in {city}") + len(f"{person} lives in ")],
+                }
+            rows.append(
+                {
+                    "id": f"q{i}",
+                    "title": "t",
+                    "context": context,
+                    "question": f"where does {person} live ?",
+                    "answers": answers,
+                }
+            )
         elif kind == "translation":
-            words = ["the", rng.choice(["red", "small", "green"]), rng.choice(["cat", "dog", "bird"]),
-                     rng.choice(["sees", "likes", "follows"]), "the", rng.choice(["cat", "dog", "bird"])]
+            words = [
+                "the",
+                rng.choice(["red", "small", "green"]),
+                rng.choice(["cat", "dog", "bird"]),
+                rng.choice(["sees", "likes", "follows"]),
+                "the",
+                rng.choice(["cat", "dog", "bird"]),
+            ]
             rows.append({"translation": {"en": " ".join(words), "de": " ".join(_EN_DE[w] for w in words)}})
         elif kind == "summarization":
             sentences = [f"{rng.choice(_PEOPLE)} lives in {rng.choice(_CITIES)} ." for _ in range(3)]
@@ -96,21 +133,63 @@ def tiny_train_models(tmp_path_factory) -> dict[str, str]:
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    )
     size = len(vocab)
     torch.manual_seed(0)
     built = {
-        "bert": BertModel(BertConfig(vocab_size=size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=128)),
-        "t5": T5ForConditionalGeneration(T5Config(vocab_size=size, d_model=32, d_kv=16, d_ff=64, num_layers=2,
-                                                  num_heads=2, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)),
-        "bart": BartForConditionalGeneration(BartConfig(
-            vocab_size=size, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
-            pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3, forced_eos_token_id=3)),
+        "bert": BertModel(
+            BertConfig(
+                vocab_size=size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=128,
+            )
+        ),
+        "t5": T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=size,
+                d_model=32,
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_heads=2,
+                pad_token_id=0,
+                eos_token_id=3,
+                decoder_start_token_id=0,
+            )
+        ),
+        "bart": BartForConditionalGeneration(
+            BartConfig(
+                vocab_size=size,
+                d_model=32,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                max_position_embeddings=128,
+                pad_token_id=0,
+                bos_token_id=2,
+                eos_token_id=3,
+                decoder_start_token_id=3,
+                forced_eos_token_id=3,
+            )
+        ),
     }
     root = tmp_path_factory.mktemp("tiny_train_models")
     paths = {}
@@ -138,16 +217,26 @@ def fake_hub(tmp_path, monkeypatch):
 
     with FakeHub(tokens={HUB_TOKEN: "alice"}) as hub:
         cache = tmp_path / "hf_cache"
-        for name, value in {"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0"}.items():
+        for name, value in {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_CACHE": str(cache),
+            "HF_HUB_OFFLINE": "0",
+        }.items():
             monkeypatch.setenv(name, value)
         monkeypatch.delenv("HF_TOKEN", raising=False)
         monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no_token"))
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants,
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        )
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
         monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.endpoint)  # the module-level HfApi()
-        monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # transformers' shared HfApi, rebuilt lazily
+        monkeypatch.setattr(
+            transformers.utils.hub, "_hf_api", None
+        )  # transformers' shared HfApi, rebuilt lazily
         hub.cache = cache
         yield hub

@@ -101,7 +101,10 @@ def test_runs_of_another_head_learning_rate_never_count():
 def test_head_rate_table_pairs_runs_that_differ_only_in_the_head_rate():
     slow = {**record("m", "sst2", 1e-3, 0, 0.80, forgetting=40.0), "head_lr": None}
     fast = {**record("m", "sst2", 1e-3, 0, 0.81, forgetting=10.0), "head_lr": 1e-2}
-    other_seed = {**record("m", "sst2", 1e-3, 1, 0.79, forgetting=9.0), "head_lr": 1e-2}  # no partner: left out
+    other_seed = {
+        **record("m", "sst2", 1e-3, 1, 0.79, forgetting=9.0),
+        "head_lr": 1e-2,
+    }  # no partner: left out
     other_config = {**record("m", "sst2", 3e-3, 0, 0.70, forgetting=50.0, fingerprint="g"), "head_lr": None}
     table = quality.head_rate_markdown([slow, fast, other_seed, other_config], 1e-2)
     assert "| sst2 | m | 0.001 | 0 | 80.0 / 40.0 | 81.0 / 10.0 |" in table

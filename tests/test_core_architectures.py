@@ -18,7 +18,9 @@ def test_architecture_forward_backward_merge(name, side, fold, monkeypatch):
     base = build().eval()
     batch = batch_for(kind)
     reference = model_output(base, batch).detach()
-    model = get_peft_model(base, OrthoConfig(task_type=task_type, target_modules=targets, block_size=16, side=side))
+    model = get_peft_model(
+        base, OrthoConfig(task_type=task_type, target_modules=targets, block_size=16, side=side)
+    )
     assert sum(isinstance(m, OrthoLayer) for m in model.modules()) >= 2 * len(targets) // 2
     assert (model_output(model, batch) - reference).abs().max() < 1e-5
 
@@ -29,8 +31,11 @@ def test_architecture_forward_backward_merge(name, side, fold, monkeypatch):
     assert rots and all(r.weight.grad is not None for r in rots.values())
     no_gradient = [n for n, r in rots.items() if not r.weight.grad.abs().sum() > 0]
     assert not no_gradient, f"targeted modules without a gradient: {no_gradient}"
-    frozen = [n for n, p in model.named_parameters() if "ortho_" not in n and p.grad is not None
-              and "modules_to_save" not in n]
+    frozen = [
+        n
+        for n, p in model.named_parameters()
+        if "ortho_" not in n and p.grad is not None and "modules_to_save" not in n
+    ]
     assert not frozen, frozen[:3]
 
     with torch.no_grad():
@@ -39,7 +44,9 @@ def test_architecture_forward_backward_merge(name, side, fold, monkeypatch):
     model.eval()
     adapted = model_output(model, batch).detach()
     merged = model.merge_and_unload()
-    assert torch.allclose(model_output(merged, batch), adapted, atol=1e-4 * max(1.0, adapted.abs().max().item()))
+    assert torch.allclose(
+        model_output(merged, batch), adapted, atol=1e-4 * max(1.0, adapted.abs().max().item())
+    )
 
 
 def test_default_targets_cover_the_listed_architectures():
@@ -62,7 +69,13 @@ def test_generate_with_mixed_adapters_and_beams(name):
     model.eval()
     ids = batch_for(kind, batch=3, length=6, seed=1)["input_ids"]
     names = ["default", "other", "__base__"]
-    settings = {"num_beams": 3, "max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    settings = {
+        "num_beams": 3,
+        "max_new_tokens": 5,
+        "min_new_tokens": 5,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
     mixed = model.generate(input_ids=ids, adapter_names=names, **settings)
     alone = {}
     for adapter in ("default", "other", "__base__"):

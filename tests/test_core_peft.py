@@ -83,8 +83,10 @@ def test_identity_merge_unmerge_and_orthogonality(side, parametrization, batch, 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_optimizer_step_changes_outputs_and_keeps_orthogonality(parametrization, batch, fold_policy):
-    model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=TARGETS, block_size=16,
-                                                    parametrization=parametrization, side="both"))
+    model = get_peft_model(
+        tiny_bert(),
+        OrthoConfig(target_modules=TARGETS, block_size=16, parametrization=parametrization, side="both"),
+    )
     model.train()
     before = logits(model.eval(), batch).detach()
     model.train()
@@ -107,13 +109,18 @@ def test_folded_and_activation_paths_give_the_same_loss_and_gradients(side, bias
     grads = {}
     for policy in ("never", "always"):
         monkeypatch.setattr(OrthoLayer, "fold_policy", policy)
-        model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=TARGETS, block_size=16, side=side, bias=bias))
+        model = get_peft_model(
+            tiny_bert(), OrthoConfig(target_modules=TARGETS, block_size=16, side=side, bias=bias)
+        )
         randomize(model)
         model.train()
         torch.manual_seed(0)
         loss = model(**batch).loss
         loss.backward()
-        grads[policy] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        grads[policy] = (
+            loss.item(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+        )
     (loss_a, ga), (loss_b, gb) = grads["never"], grads["always"]
     assert abs(loss_a - loss_b) < 1e-5
     assert ga.keys() == gb.keys() and len(ga) > 0
@@ -134,8 +141,9 @@ def test_auto_policy_folds_only_when_cheaper(monkeypatch):
 
 def test_usage_from_the_readme(tmp_path, batch):
     base = tiny_bert()
-    model = get_peft_model(base, orthora.OrthoConfig(task_type="SEQ_CLS", target_modules=["query", "value"],
-                                                     block_size=32))
+    model = get_peft_model(
+        base, orthora.OrthoConfig(task_type="SEQ_CLS", target_modules=["query", "value"], block_size=32)
+    )
     model.print_trainable_parameters()
     randomize(model)
     with torch.no_grad():
@@ -175,7 +183,9 @@ def test_auto_peft_model_and_transformers_load_adapter(tmp_path, batch):
     from transformers import AutoModelForSequenceClassification
 
     base = AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
-    model = get_peft_model(base, OrthoConfig(task_type="SEQ_CLS", target_modules=["query", "value"], block_size=16))
+    model = get_peft_model(
+        base, OrthoConfig(task_type="SEQ_CLS", target_modules=["query", "value"], block_size=16)
+    )
     randomize(model)
     expected = logits(model.eval(), batch)
     model.save_pretrained(tmp_path / "adapter")
@@ -227,7 +237,9 @@ def test_multiple_adapters_set_delete_disable_and_mixed_batches(batch):
 
 def test_two_adapters_merged_together_match_their_composition(batch):
     model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=TARGETS, block_size=16, side="both"))
-    model.add_adapter("b", OrthoConfig(target_modules=TARGETS, block_size=8, side="both", parametrization="exp"))
+    model.add_adapter(
+        "b", OrthoConfig(target_modules=TARGETS, block_size=8, side="both", parametrization="exp")
+    )
     randomize(model)
     model.base_model.set_adapter(["default", "b"])
     model.eval()
@@ -239,8 +251,12 @@ def test_two_adapters_merged_together_match_their_composition(batch):
 
 
 def test_bias_options_and_modules_to_save(tmp_path):
-    model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=["query"], block_size=16, bias="ortho_only",
-                                                    modules_to_save=["classifier"]))
+    model = get_peft_model(
+        tiny_bert(),
+        OrthoConfig(
+            target_modules=["query"], block_size=16, bias="ortho_only", modules_to_save=["classifier"]
+        ),
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.endswith("query.base_layer.bias") for n in trainable)
     assert any("classifier" in n for n in trainable)
@@ -251,28 +267,50 @@ def test_bias_options_and_modules_to_save(tmp_path):
 
 
 def test_layers_to_transform_and_exclude_modules():
-    model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=["query", "value"], block_size=16,
-                                                    layers_to_transform=[1], layers_pattern="layer"))
+    model = get_peft_model(
+        tiny_bert(),
+        OrthoConfig(
+            target_modules=["query", "value"], block_size=16, layers_to_transform=[1], layers_pattern="layer"
+        ),
+    )
     adapted = {n for n, m in model.named_modules() if isinstance(m, OrthoLayer)}
-    assert adapted == {f"base_model.model.bert.encoder.layer.1.attention.self.{t}" for t in ("query", "value")}
-    model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=["query", "value"], block_size=16,
-                                                    exclude_modules=["bert.encoder.layer.0.attention.self.value"]))
-    adapted = {n.split("model.bert.encoder.")[1] for n, m in model.named_modules() if isinstance(m, OrthoLayer)}
-    assert adapted == {"layer.0.attention.self.query", "layer.1.attention.self.query", "layer.1.attention.self.value"}
+    assert adapted == {
+        f"base_model.model.bert.encoder.layer.1.attention.self.{t}" for t in ("query", "value")
+    }
+    model = get_peft_model(
+        tiny_bert(),
+        OrthoConfig(
+            target_modules=["query", "value"],
+            block_size=16,
+            exclude_modules=["bert.encoder.layer.0.attention.self.value"],
+        ),
+    )
+    adapted = {
+        n.split("model.bert.encoder.")[1] for n, m in model.named_modules() if isinstance(m, OrthoLayer)
+    }
+    assert adapted == {
+        "layer.0.attention.self.query",
+        "layer.1.attention.self.query",
+        "layer.1.attention.self.value",
+    }
 
 
 def test_default_target_modules_and_all_linear():
     model = get_peft_model(tiny_bert(), OrthoConfig(block_size=16))
     adapted = sorted(n.rsplit(".", 1)[1] for n, m in model.named_modules() if isinstance(m, OrthoLayer))
     assert adapted == ["query", "query", "value", "value"]
-    model = get_peft_model(tiny_bert(), OrthoConfig(task_type="SEQ_CLS", target_modules="all-linear", block_size=16))
+    model = get_peft_model(
+        tiny_bert(), OrthoConfig(task_type="SEQ_CLS", target_modules="all-linear", block_size=16)
+    )
     adapted = [n for n, m in model.named_modules() if isinstance(m, OrthoLayer)]
     assert len(adapted) == 13  # 6 linears x 2 layers + the pooler; not the classification head
     assert not any("classifier" in n for n in adapted)
 
 
 def test_block_share_and_num_blocks_parameter_counts():
-    shared = get_peft_model(tiny_bert(), OrthoConfig(target_modules=["query"], block_size=16, block_share=True))
+    shared = get_peft_model(
+        tiny_bert(), OrthoConfig(target_modules=["query"], block_size=16, block_share=True)
+    )
     per_block = get_peft_model(tiny_bert(), OrthoConfig(target_modules=["query"], num_blocks=4))
     n_shared = sum(p.numel() for n, p in shared.named_parameters() if p.requires_grad)
     n_block = sum(p.numel() for n, p in per_block.named_parameters() if p.requires_grad)
@@ -293,7 +331,9 @@ def test_eval_mode_caches_rotations_until_parameters_change(batch):
 
 
 def test_module_dropout_replaces_blocks_by_identity_only_in_training():
-    model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=["query"], block_size=8, module_dropout=0.5))
+    model = get_peft_model(
+        tiny_bert(), OrthoConfig(target_modules=["query"], block_size=8, module_dropout=0.5)
+    )
     randomize(model)
     rot = rotation_modules(model)[0]
     model.train()
@@ -361,8 +401,9 @@ def test_hf_trainer_trains_an_orthora_model(tmp_path):
     ids = torch.randint(3, 128, (32, 8), generator=g)
     labels = (ids[:, 0] > 64).long()
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
-    model = get_peft_model(tiny_bert(), OrthoConfig(task_type="SEQ_CLS", target_modules=["query", "value"],
-                                                    block_size=16))
+    model = get_peft_model(
+        tiny_bert(), OrthoConfig(task_type="SEQ_CLS", target_modules=["query", "value"], block_size=16)
+    )
 
     def training_loss():
         model.eval()
@@ -371,8 +412,16 @@ def test_hf_trainer_trains_an_orthora_model(tmp_path):
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_before = training_loss()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=4,
-                             learning_rate=5e-2, report_to=[], save_strategy="no", use_cpu=True, seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_train_epochs=4,
+        learning_rate=5e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
     Trainer(model=model, args=args, train_dataset=data).train()
     assert training_loss() < loss_before - 0.05
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}

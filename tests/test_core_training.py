@@ -32,7 +32,7 @@ def train_and_score(model, epochs: int = 4, lr: float = 1e-2) -> float:
     for _epoch in range(epochs):
         perm = torch.randperm(len(train_x))
         for start in range(0, len(train_x), 32):
-            idx = perm[start:start + 32]
+            idx = perm[start : start + 32]
             loss = model(input_ids=train_x[idx], labels=train_y[idx]).loss
             loss.backward()
             opt.step()
@@ -66,8 +66,13 @@ def test_torch_compile_traces_without_graph_breaks_and_matches_eager(side, fold_
     """``fullgraph=True`` fails on any graph break; the compiled step gives eager's loss and gradients."""
     model = get_peft_model(
         tiny_bert(hidden=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-        OrthoConfig(task_type="SEQ_CLS", target_modules=["query", "value", "dense"], block_size=8, side=side,
-                    init_weights=False),
+        OrthoConfig(
+            task_type="SEQ_CLS",
+            target_modules=["query", "value", "dense"],
+            block_size=8,
+            side=side,
+            init_weights=False,
+        ),
     )
     for module in model.modules():
         if hasattr(module, "fold_policy"):

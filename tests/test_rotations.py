@@ -203,8 +203,9 @@ def test_cayley_backward_matches_autograd_through_the_solve():
     upstream = torch.randn(4, 8, 8, dtype=torch.float64)
     (ours,) = torch.autograd.grad((rotations.cayley(generator) * upstream).sum(), generator)
     eye = torch.eye(8, dtype=torch.float64)
-    (reference,) = torch.autograd.grad((torch.linalg.solve(eye + generator, eye - generator) * upstream).sum(),
-                                       generator)
+    (reference,) = torch.autograd.grad(
+        (torch.linalg.solve(eye + generator, eye - generator) * upstream).sum(), generator
+    )
     torch.testing.assert_close(ours, reference)
 
 

@@ -209,7 +209,9 @@ def test_head_learning_rate_drives_only_the_task_head(tiny_train_models, task_fi
     assert heads["frozen_head"] and generators["frozen_head"]
     for key, value in heads["frozen_head"].items():
         moved = (value - heads["same_rate"][key]).abs().max()
-        assert moved > 1e-4, f"{key}: the head trained at ~0 ended where the head trained at the run's rate did"
+        assert moved > 1e-4, (
+            f"{key}: the head trained at ~0 ended where the head trained at the run's rate did"
+        )
     # the adapter kept the run's rate: its generators left the identity (zero) by far more than 1e-12 per step
     assert all(g.abs().max() > 1e-4 for g in generators["frozen_head"]), "the rotations did not train"
 
