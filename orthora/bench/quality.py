@@ -817,6 +817,22 @@ def tradeoff_plot(runs: Sequence[dict[str, Any]], tasks: Sequence[str], path: Pa
                 ax.annotate(
                     f"{r['lr']:g}", (r["forgetting"], r["score"] * 100), fontsize=6, color=line[0].get_color()
                 )
+        scores = [r["score"] * 100 for points in by_method.values() for r in points]
+        if (
+            scores
+        ):  # a diverged run would squash the curves that matter: keep 10 points below the best in view
+            floor = max(min(scores), max(scores) - 10)
+            ax.set_ylim(floor - 0.5, max(scores) + 1)
+            below = [
+                f"{m} lr {r['lr']:g}: {r['score'] * 100:.1f}"
+                for m, points in sorted(by_method.items())
+                for r in points
+                if r["score"] * 100 < floor - 0.5
+            ]
+            if below:
+                ax.text(
+                    0.02, 0.02, "below the panel: " + "; ".join(below), transform=ax.transAxes, fontsize=6
+                )
         ax.set_title(task)
         ax.set_xlabel("zero-shot STS-B drop, points")
         ax.set_ylabel("score x100 (seed 0)")
