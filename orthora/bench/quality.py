@@ -831,7 +831,12 @@ def tradeoff_plot(runs: Sequence[dict[str, Any]], tasks: Sequence[str], path: Pa
             ]
             if below:
                 ax.text(
-                    0.02, 0.02, "below the panel: " + "; ".join(below), transform=ax.transAxes, fontsize=6
+                    0.02,
+                    0.98,
+                    "below the panel: " + "; ".join(below),
+                    transform=ax.transAxes,
+                    fontsize=6,
+                    va="top",
                 )
         ax.set_title(task)
         ax.set_xlabel("zero-shot STS-B drop, points")
