@@ -13,8 +13,17 @@ from __future__ import annotations
 
 from .config import ConfigError, TrainConfig, load_yaml
 from .engine import find_latest_checkpoint, run
+from .optim import parameter_groups
 
-__all__ = ["ConfigError", "TrainConfig", "find_latest_checkpoint", "load_config", "load_yaml", "run"]
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "find_latest_checkpoint",
+    "load_config",
+    "load_yaml",
+    "parameter_groups",
+    "run",
+]
 
 
 def load_config(path: str | None = None, **overrides) -> TrainConfig:

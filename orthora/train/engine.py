@@ -39,6 +39,7 @@ from transformers import AutoConfig, AutoTokenizer, get_scheduler
 from .adapters import build_adapter_config
 from .config import ConfigError, TrainConfig
 from .data import check_data_files, load_hub_splits, load_local_split, local_files, truncate
+from .optim import parameter_groups
 from .recipes import get_recipe
 from .recipes.base import EvalSet, TaskRecipe
 
@@ -254,29 +255,6 @@ def flat_hparams(config: TrainConfig) -> dict[str, Any]:
     return flat
 
 
-NO_DECAY = ("bias", "layernorm", "layer_norm", "norm.weight")
-
-
-def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay off for biases and norms, and the task head (PEFT's ``modules_to_save`` copies)
-    at ``head_learning_rate`` when it is set. The scheduler scales every group's peak rate by the same factor."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = not any(k in name.lower() for k in NO_DECAY)
-        head = config.head_learning_rate is not None and ".modules_to_save." in name
-        groups.setdefault((decay, head), []).append(param)
-    return [
-        {
-            "params": params,
-            "weight_decay": config.weight_decay if decay else 0.0,
-            **({"lr": config.head_learning_rate} if head else {}),
-        }
-        for (decay, head), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))
-    ]
-
-
 def concat_padded(chunks: list[np.ndarray], pad_value: float) -> np.ndarray:
     """Concatenate per-batch arrays whose second dimension differs, padding with ``pad_value``."""
     if chunks[0].ndim == 1:
@@ -399,7 +377,9 @@ class _Run:
             for s in self.eval_sets
         ]
         optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, config),
+            parameter_groups(
+                self.model, weight_decay=config.weight_decay, head_learning_rate=config.head_learning_rate
+            ),
             lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
         )
