@@ -1,7 +1,7 @@
 """Optimizer parameter groups for adapter training, usable with any loop, the HF Trainer or accelerate.
 
 The task head (PEFT's ``modules_to_save`` copies, e.g. a classifier) can train at its own learning rate: a fast head
-next to a slow adapter learns the task as well and pushes the pretrained encoder much less (docs/benchmarks.md,
+next to a slow adapter pushes the pretrained encoder much less for about the same task score (docs/benchmarks.md,
 "Results so far").
 """
 
