@@ -248,8 +248,8 @@ def build_step_blocks(rotation_modules: list[BlockRotation]) -> None:
     """Build the blocks of every rotation sharing a :meth:`BlockRotation.group_key` in one batched call.
 
     Called once per PeftModel forward with autograd (by ``OrthoModel._enable_peft_forward_hooks``): one
-    construction per (parametrization, block size, dtype, device) instead of one per layer, with the same blocks (every map acts on each block alone) and
-    the same gradients (the concatenation's backward splits them). Each rotation keeps its slice for this step.
+    construction per (parametrization, block size, dtype, device) instead of one per layer, with the same blocks
+    (every map acts on each block alone) and the same gradients (the concatenation's backward splits them). Each rotation keeps its slice for this step.
     """
     groups: dict[tuple, list[BlockRotation]] = {}
     for rotation in rotation_modules:
@@ -261,11 +261,11 @@ def build_step_blocks(rotation_modules: list[BlockRotation]) -> None:
                 rotation._step = None
             continue
         built = members[0]._build(torch.cat([r.weight for r in members]))
-        state = {"alive": built[0].requires_grad}
-        if built[
-            0
-        ].requires_grad:  # every output's gradient reaches built[0] (the blocks, or U that C comes from)
-            built[0].register_hook(lambda grad, state=state: state.update(alive=False))
+        # every output's gradient reaches built[0] (the blocks, or the U that C comes from): its hook marks the end
+        root = built[0]
+        state = {"alive": root.requires_grad}
+        if root.requires_grad:
+            root.register_hook(lambda grad, state=state: state.update(alive=False))
         sizes = [r.weight.shape[0] for r in members]
         slices = zip(*(tensor.split(sizes) for tensor in built), strict=True)
         for rotation, parts in zip(members, slices, strict=True):

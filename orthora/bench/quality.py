@@ -947,13 +947,13 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
                 max_runs=args.max_runs,
             )
     current = {(ts, m.name, m.fingerprint) for ts, ms in methods.items() for m in ms}
-    runs = [
+    # these methods' runs on these tasks under any head rate (the head-rate table pairs them), then this protocol's
+    every_head = [
         r
         for r in load_runs(runs_dir)
-        if r["task"] in tasks
-        and (r["target_set"], r["method"], r.get("fingerprint")) in current
-        and r.get("head_lr") == protocol.head_learning_rate
+        if r["task"] in tasks and (r["target_set"], r["method"], r.get("fingerprint")) in current
     ]
+    runs = [r for r in every_head if r.get("head_lr") == protocol.head_learning_rate]
     if not runs:
         raise SystemExit(
             f"no finished runs in {runs_dir} for tasks {', '.join(tasks)}, methods {', '.join(names)} and target "
@@ -965,11 +965,6 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
     if (
         protocol.head_learning_rate is not None
     ):  # the same settings with the head at each run's LR, where both ran
-        every_head = [
-            r
-            for r in load_runs(runs_dir)
-            if r["task"] in tasks and (r["target_set"], r["method"], r.get("fingerprint")) in current
-        ]
         markdown += "\n" + head_rate_markdown(every_head, protocol.head_learning_rate)
     if args.plot:
         learn_forget_plot(summary, Path(args.plot))
