@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -96,6 +97,45 @@ def test_runs_of_another_head_learning_rate_never_count():
     assert todo[0][0].file_name.endswith("__lr0.001__h0.003__s0.json")
     assert quality.pending(same_head, [method], ["sst2"], ["encoder"], [0]) == []
     assert quality.RunKey("encoder", "sst2", "m", fp, 1e-3, 0).file_name.endswith("__lr0.001__s0.json")
+
+
+def test_a_run_counts_for_every_name_of_its_config():
+    """When the default becomes a benchmarked variant, ``orthora`` inherits the variant's runs instead of rerunning
+    them (the planner, the finished-file check and the claim ignore the name) and shows them under its own name."""
+    variant = quality.QualityMethod(
+        "orthora[side=input]", MethodSpec("v", "orthora", {"side": "input"}), "matched"
+    )
+    default = quality.QualityMethod("orthora", MethodSpec("orthora", "orthora", {"side": "input"}), "matched")
+    other = quality.QualityMethod("orthora-output", MethodSpec("o", "orthora", {"side": "output"}), "matched")
+    assert default.fingerprint == variant.fingerprint != other.fingerprint
+    fp = variant.fingerprint
+    done = [
+        record(variant.name, "sst2", lr, s, 0.8, fingerprint=fp) for lr in (3e-4, 1e-3, 3e-3) for s in (0,)
+    ]
+    done[1]["score"] = 0.9
+    done += [record(variant.name, "sst2", 1e-3, s, 0.9, fingerprint=fp) for s in (1, 2)]
+    assert quality.pending(done, [default], ["sst2"], ["encoder"], [0, 1, 2]) == []
+    assert len(quality.pending(done, [other], ["sst2"], ["encoder"], [0])) == 3
+    labelled = quality.runs_of(done, {"encoder": [default, variant, other]}, ["sst2"])
+    assert len(labelled) == 5 and {r["method"] for r in labelled} == {"orthora"}  # the first name given wins
+    assert {r["method"] for r in done} == {variant.name}  # the records themselves are not changed
+    assert quality.runs_of(done, {"encoder": [other]}, ["sst2"]) == []
+    assert (
+        quality.runs_of(done, {"dense": [default]}, ["sst2"]) == []
+    )  # another target set's runs never count
+
+
+def test_finished_check_and_claim_ignore_the_method_name(tmp_path):
+    as_variant = quality.RunKey("encoder", "sst2", "orthora[side=input]", "abc123", 1e-3, 0, head_lr=0.01)
+    as_default = dataclasses.replace(as_variant, method="orthora")
+    assert as_variant.file_name != as_default.file_name and as_variant.claim_name == as_default.claim_name
+    assert not as_default.finished_in(tmp_path)
+    (tmp_path / as_variant.file_name).write_text("{}")
+    assert as_default.finished_in(tmp_path)
+    assert not dataclasses.replace(as_default, seed=1).finished_in(tmp_path)
+    assert not dataclasses.replace(as_default, head_lr=None).finished_in(tmp_path)
+    assert not dataclasses.replace(as_default, fingerprint="abc12").finished_in(tmp_path)
+    assert not dataclasses.replace(as_default, lr=1e-2).finished_in(tmp_path)
 
 
 def test_head_rate_table_pairs_runs_that_differ_only_in_the_head_rate():

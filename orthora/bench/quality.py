@@ -196,8 +196,22 @@ class RunKey:
     @property
     def file_name(self) -> str:
         safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in self.method)
+        return f"{self.target_set}__{self.task}__{safe}__{self.fingerprint}__{self._settings}.json"
+
+    @property
+    def claim_name(self) -> str:
+        """The lock file's name: without the method's name, so two names for one config never run it twice."""
+        return f"{self.target_set}__{self.task}__{self.fingerprint}__{self._settings}.claim"
+
+    def finished_in(self, runs_dir: Path) -> bool:
+        """Whether ``runs_dir`` holds this setting's result, under this method name or another for the same config."""
+        pattern = f"{self.target_set}__{self.task}__*__{self.fingerprint}__{self._settings}.json"
+        return any(Path(runs_dir).glob(pattern))
+
+    @property
+    def _settings(self) -> str:
         head = f"__h{self.head_lr:g}" if self.head_lr is not None else ""
-        return f"{self.target_set}__{self.task}__{safe}__{self.fingerprint}__lr{self.lr:g}{head}__s{self.seed}.json"
+        return f"lr{self.lr:g}{head}__s{self.seed}"
 
 
 @dataclasses.dataclass
@@ -434,17 +448,20 @@ def pending(
 ) -> list[tuple[RunKey, QualityMethod]]:
     """Runs still needed: every seed-0 learning-rate search first (a whole one-seed picture early), then the
     other seeds of each cell whose search has settled (best LR interior, or the ladder's end reached), at that LR.
+
+    A run counts for every method with its resolved config (its fingerprint), whatever name it ran under: when the
+    default changes to a benchmarked variant, ``orthora`` inherits that variant's runs.
     """
     grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in done:
         if r.get("head_lr") != head_lr:  # another protocol's run
             continue
-        grouped[(r["target_set"], r["task"], r["method"], r.get("fingerprint"))].append(r)
+        grouped[(r["target_set"], r["task"], r.get("fingerprint"))].append(r)
     search, repeats = [], []
     for target_set in target_sets:
         for task in tasks:
             for method in methods:
-                runs = grouped[(target_set, task, method.name, method.fingerprint)]
+                runs = grouped[(target_set, task, method.fingerprint)]
                 key = functools.partial(
                     RunKey, target_set, task, method.name, method.fingerprint, head_lr=head_lr
                 )
@@ -522,8 +539,11 @@ def run_sweep(
         if not todo:
             return finished
         for key, method in todo:
-            claim = Claim(runs_dir / key.file_name)
-            if (runs_dir / key.file_name).exists() or not claim.acquire():
+            claim = Claim(runs_dir / key.claim_name)
+            if key.finished_in(runs_dir) or not claim.acquire():
+                continue
+            if key.finished_in(runs_dir):  # another worker finished it between our listing and our claim
+                claim.release()
                 continue
             try:
                 try:
@@ -551,6 +571,25 @@ def run_sweep(
 
 
 # ------------------------------------------------------------------------------------------------------ summary
+def runs_of(
+    runs: Iterable[dict[str, Any]], methods: dict[str, Sequence[QualityMethod]], tasks: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The runs of ``methods`` (per target set) on ``tasks``, each labelled with the name asked for.
+
+    A run belongs to the method whose resolved config it trained: the shipped default and a variant with the same
+    config are one method, shown under the first of their names in ``methods``.
+    """
+    names: dict[tuple[str, str], str] = {}
+    for target_set, listed in methods.items():
+        for method in listed:
+            names.setdefault((target_set, method.fingerprint), method.name)
+    return [
+        {**r, "method": names[(r["target_set"], r.get("fingerprint"))]}
+        for r in runs
+        if r["task"] in tasks and (r["target_set"], r.get("fingerprint")) in names
+    ]
+
+
 def _mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
     if not values:
         return None, None
@@ -946,13 +985,8 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
                 runs_dir,
                 max_runs=args.max_runs,
             )
-    current = {(ts, m.name, m.fingerprint) for ts, ms in methods.items() for m in ms}
     # these methods' runs on these tasks under any head rate (the head-rate table pairs them), then this protocol's
-    every_head = [
-        r
-        for r in load_runs(runs_dir)
-        if r["task"] in tasks and (r["target_set"], r["method"], r.get("fingerprint")) in current
-    ]
+    every_head = runs_of(load_runs(runs_dir), methods, tasks)
     runs = [r for r in every_head if r.get("head_lr") == protocol.head_learning_rate]
     if not runs:
         raise SystemExit(
