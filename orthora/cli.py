@@ -196,7 +196,7 @@ def merge(
     import torch
 
     from .hub import download_adapter, load_pretrained
-    from .train.engine import replace_dir_atomic
+    from .train.atomic_files import replace_dir_atomic
 
     folder = download_adapter(adapter, revision=revision, token=token)
     with _progress("loading base model and adapter"):

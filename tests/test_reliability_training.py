@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from orthora.train.atomic_files import write_json_atomic
 from orthora.train.cli import main
-from orthora.train.engine import write_json_atomic
 
 ADAPTER = "{block_size: 16, target_modules: [query, value]}"
 
@@ -85,7 +85,7 @@ def test_nonfinite_steps_can_be_skipped_and_the_run_finishes_with_a_finite_adapt
     rows_with_dull_from(16, train)
     rows_with_dull_from(99, dev)
     out = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="orthora.train.engine"):
+    with caplog.at_level(logging.WARNING, logger="orthora.train.nonfinite"):
         assert main(common(poisoned_bert, train, dev, out, steps=8) + ["--on_nonfinite", "skip"]) == 0
     results = json.loads((out / "results.json").read_text())
     skipped = results["skipped_steps"]

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from orthora.train import TrainConfig
-from orthora.train.engine import load_raw_data
+from orthora.train.data import load_raw_data
 from orthora.train.recipes import get_recipe
 from orthora.train.recipes.qa import postprocess_qa_predictions, squad_scores
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orthora.train.adapters import build_adapter_config
+from orthora.train.atomic_files import write_json_atomic as write_atomic
 from orthora.train.data import DATA_DIR_ENV, default_data_dir
-from orthora.train.engine import write_json_atomic as write_atomic
 from orthora.train.recipes.glue import GLUE_METRICS
 from orthora.train.recipes.qa import SQUAD_METRICS
 

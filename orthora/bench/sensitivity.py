@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         qa_pairs=args.qa_pairs,
     )
     result["machine"] = machine_info()
-    from orthora.train.engine import write_json_atomic, write_text_atomic
+    from orthora.train.atomic_files import write_json_atomic, write_text_atomic
 
     write_json_atomic(args.out, result)
     write_text_atomic(args.out.with_suffix(".md"), summary_markdown(result))

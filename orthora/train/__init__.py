@@ -11,8 +11,9 @@ scripts/finetune.py ...``). See docs/training.md.
 
 from __future__ import annotations
 
+from .checkpoints import find_latest_checkpoint
 from .config import ConfigError, TrainConfig, load_yaml
-from .engine import find_latest_checkpoint, run
+from .engine import run
 from .optim import parameter_groups
 
 __all__ = [

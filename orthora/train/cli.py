@@ -129,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
-    from .engine import RESULTS_FILE, TrainingDiverged, run
+    from .engine import RESULTS_FILE, run
+    from .nonfinite import TrainingDiverged
 
     try:
         config = parse_args(argv)

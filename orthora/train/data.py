@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 
 from .config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:  # the recipes import this module's column checks
+    from .recipes.base import TaskRecipe
 
 #: environment variable naming the folder of benchmark data in the Hub's schemas (``glue/<task>/*.jsonl``, ``squad/``)
 DATA_DIR_ENV = "ORTHORA_DATA_DIR"
@@ -81,6 +85,30 @@ def load_hub_splits(name: str, config_name: str | None, splits: Iterable[str]) -
     if missing:
         raise ConfigError(f"Hub data set {name!r} has no split {missing[0]!r} (it has: {', '.join(loaded)})")
     return {split: loaded[split] for split in splits}
+
+
+def load_raw_data(
+    config: TrainConfig, recipe: TaskRecipe
+) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+    """(train rows, {evaluation split: rows}), from local files when given, else from the Hub."""
+    files = local_files(config)
+    if config.train_file or config.validation_file:
+        if "train" not in files or "validation" not in files:
+            raise ConfigError("local data needs both train_file and validation_file")
+        splits = {split: load_local_split(path, split) for split, path in files.items()}
+        source = {split: f"{split} data file {path!r}" for split, path in files.items()}
+    else:
+        name, config_name = recipe.hub_dataset()
+        name = config.dataset_name or name
+        config_name = config.dataset_config_name or config_name
+        eval_names = recipe.hub_eval_splits()
+        splits = load_hub_splits(name, config_name, ["train", *eval_names])
+        source = {split: f"{split} split of {name!r}" for split in splits}
+    for split, dataset in splits.items():
+        recipe.check_split(dataset, source[split])
+    train = truncate(splits.pop("train"), config.max_train_samples)
+    evals = {split: truncate(dataset, config.max_eval_samples) for split, dataset in splits.items()}
+    return train, evals
 
 
 def check_columns(dataset: datasets.Dataset, required: Iterable[str], where: str) -> None:

@@ -3,7 +3,9 @@
 Modelled on transformers' ``examples/pytorch/*_no_trainer.py`` scripts. The recipe says what differs between tasks
 (data, head, preprocessing, prediction, metric); this module does the rest: validation of the inputs before any
 step, accelerate setup, the optimisation loop with accumulation, clipping, warmup and mixed precision, periodic
-evaluation with best-adapter tracking, resumable checkpoints, trackers, and atomic writing of every output.
+evaluation with best-adapter tracking, resumable checkpoints, trackers, and atomic writing of every output. The
+parts with a job of their own live beside it: `data` (raw data), `checkpoints` (checkpoint folders and resume),
+`nonfinite` (NaN/Inf guards) and `atomic_files` (atomic writes).
 """
 
 from __future__ import annotations
@@ -12,13 +14,10 @@ import json
 import logging
 import math
 import os
-import re
 import resource
 import shutil
-import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,30 +30,26 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from peft import get_peft_model
-from safetensors import safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
 from .adapters import build_adapter_config
+from .atomic_files import replace_dir_atomic, write_json_atomic, write_text_atomic
+from .checkpoints import check_checkpoint_tensors, checkpoint_folders, publish_checkpoint, resolve_resume_dir
 from .config import ConfigError, TrainConfig
-from .data import check_data_files, load_hub_splits, load_local_split, local_files, truncate
+from .data import check_data_files, load_raw_data
+from .nonfinite import check_finite_before_saving, handle_nonfinite, nonfinite_problem
 from .optim import parameter_groups
 from .recipes import get_recipe
 from .recipes.base import EvalSet, TaskRecipe
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 BEST_ADAPTER_DIR = "best_adapter"
 MERGED_DIR = "merged_model"
 RESULTS_FILE = "results.json"
-_STEP_DIR = re.compile(r"step_(\d+)")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or a gradient became NaN/Inf (``on_nonfinite=stop``), or a tensor about to be saved is not finite."""
 
 
 @dataclass
@@ -76,116 +71,8 @@ class TrainingProgress:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Atomic outputs
-# ------------------------------------------------------------------------------------------------------------------
-def _fsync(path: str | os.PathLike) -> None:
-    """Flush a file's or a folder's entry to disk (folders: so a rename inside them survives a power cut)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on folders; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: str | os.PathLike) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            _fsync(os.path.join(folder, name))
-        _fsync(folder)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, flush it to disk and rename it over ``path``.
-
-    A reader (or a run resumed after a kill) sees the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON atomically (see `write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, (set, tuple)):
-        return sorted(value) if isinstance(value, set) else list(value)
-    return str(value)
-
-
-def replace_dir_atomic(directory: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Fill a fresh temporary folder with ``write(tmp)``, then swap it in place of ``directory``."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp")
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        old = None
-        if directory.exists():
-            old = tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old")
-            os.rmdir(old)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        _fsync(directory.parent)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # Setup helpers
 # ------------------------------------------------------------------------------------------------------------------
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step under ``output_dir/checkpoints`` (temporary folders ignored)."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    steps = [
-        (int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()
-    ]
-    return max(steps)[1] if steps else None
-
-
-def resolve_resume_dir(config: TrainConfig) -> Path | None:
-    if not config.resume_from_checkpoint:
-        return None
-    if config.resume_from_checkpoint == "latest":
-        latest = find_latest_checkpoint(config.output_dir)
-        if latest is None:
-            logger.warning(
-                "resume_from_checkpoint=latest: no checkpoint in %s, starting from scratch", config.output_dir
-            )
-        return latest
-    path = Path(config.resume_from_checkpoint)
-    if not path.is_dir():
-        raise ConfigError(
-            f"resume_from_checkpoint {config.resume_from_checkpoint!r} is not a checkpoint folder"
-        )
-    if not (path / "progress.json").is_file():
-        raise ConfigError(
-            f"resume_from_checkpoint {config.resume_from_checkpoint!r} holds no orthora checkpoint (progress.json)"
-        )
-    return path
-
-
 def load_model_config(config: TrainConfig, recipe: TaskRecipe):
     try:
         return AutoConfig.from_pretrained(
@@ -205,30 +92,6 @@ def load_tokenizer(config: TrainConfig):
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0]
         raise ConfigError(f"cannot load tokenizer {name!r}: {first_line}") from None
-
-
-def load_raw_data(
-    config: TrainConfig, recipe: TaskRecipe
-) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
-    """(train rows, {evaluation split: rows}), from local files when given, else from the Hub."""
-    files = local_files(config)
-    if config.train_file or config.validation_file:
-        if "train" not in files or "validation" not in files:
-            raise ConfigError("local data needs both train_file and validation_file")
-        splits = {split: load_local_split(path, split) for split, path in files.items()}
-        source = {split: f"{split} data file {path!r}" for split, path in files.items()}
-    else:
-        name, config_name = recipe.hub_dataset()
-        name = config.dataset_name or name
-        config_name = config.dataset_config_name or config_name
-        eval_names = recipe.hub_eval_splits()
-        splits = load_hub_splits(name, config_name, ["train", *eval_names])
-        source = {split: f"{split} split of {name!r}" for split in splits}
-    for split, dataset in splits.items():
-        recipe.check_split(dataset, source[split])
-    train = truncate(splits.pop("train"), config.max_train_samples)
-    evals = {split: truncate(dataset, config.max_eval_samples) for split, dataset in splits.items()}
-    return train, evals
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -421,113 +284,6 @@ class _Run:
 
         self.accelerator.register_save_state_pre_hook(keep_trainable)
 
-    # --- numerical safety and resume checks -------------------------------------------------------------------------
-    def nonfinite_problem(self, window_loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> str | None:
-        """None when this optimizer step's loss and gradients are finite on every process, else what is wrong.
-
-        One all-reduce of two flags and one host sync per step. Under fp16 the gradient scaler already skips steps
-        with non-finite gradients (and lowers its scale), so only the loss is checked there; DeepSpeed keeps its own.
-        """
-        accelerator = self.accelerator
-        flags = [~torch.isfinite(window_loss)]
-        check_grads = accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED
-        grads = [p.grad for p in self.trainable.values() if p.grad is not None] if check_grads else []
-        if grads:
-            flags.append(
-                ~torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).sum())
-            )
-        if not accelerator.reduce(torch.stack(flags).float(), "sum").any():
-            return None
-        step = self.progress.completed_steps + 1
-        parts = []
-        if not torch.isfinite(window_loss):
-            parts.append(f"the loss is {window_loss.item()}")
-            module = None
-            if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-                try:  # a best-effort diagnosis: it must never hide the report itself
-                    module = first_nonfinite_module(accelerator.unwrap_model(self.model), batch)
-                except Exception as err:
-                    logger.warning("could not re-run the batch to locate the non-finite output: %s", err)
-            if module:
-                parts.append(f"the first non-finite output comes from module {module}")
-        bad = [
-            n for n, p in self.trainable.items() if p.grad is not None and not torch.isfinite(p.grad).all()
-        ]
-        if bad:
-            modules = sorted({n.rsplit(".", 1)[0] for n in bad})
-            more = f" and {len(modules) - 3} more" if len(modules) > 3 else ""
-            parts.append(f"non-finite gradients in module(s) {', '.join(modules[:3])}{more}")
-        if not parts:
-            parts.append("another process saw a non-finite loss or gradient")
-        return f"step {step}: " + "; ".join(parts)
-
-    def handle_nonfinite(self, problem: str) -> None:
-        """Stop (nothing more is written) or record a skipped step, as ``on_nonfinite`` says."""
-        if self.config.on_nonfinite == "skip":
-            self.progress.skipped_steps.append(self.progress.completed_steps + 1)
-            logger.warning("%s; this step's update was skipped (on_nonfinite=skip)", problem)
-            return
-        raise TrainingDiverged(
-            f"{problem}. Training stopped (on_nonfinite=stop); the adapter and checkpoints on disk are from before "
-            "this step. Lower the learning rate, check the data, or set on_nonfinite=skip."
-        )
-
-    def check_finite_before_saving(self, what: str) -> None:
-        bad = [n for n, p in self.trainable.items() if not torch.isfinite(p.detach()).all()]
-        if bad:
-            raise TrainingDiverged(
-                f"step {self.progress.completed_steps}: refusing to save the {what}: {len(bad)} trainable tensor(s) "
-                f"are not finite, e.g. {bad[0]}"
-            )
-
-    def check_checkpoint_tensors(self, checkpoint: Path) -> None:
-        """Refuse a checkpoint whose weights are not exactly this run's trainable tensors.
-
-        The checkpoint holds only trainable tensors, so it is loaded with ``strict=False``, which would silently
-        keep a missing tensor at its initial value.
-        """
-        files = sorted(checkpoint.glob("model*.safetensors"))
-        if not files:
-            if sorted(checkpoint.glob("pytorch_model*.bin")):
-                files = sorted(checkpoint.glob("pytorch_model*.bin"))
-            else:
-                return  # a sharded FSDP/DeepSpeed state: accelerate checks it when loading
-        saved: dict[str, tuple[int, ...]] = {}
-        for file in files:
-            if file.suffix == ".safetensors":
-                try:
-                    with safe_open(str(file), framework="pt") as handle:
-                        for key in handle.keys():
-                            saved[key.removeprefix("module.")] = tuple(handle.get_slice(key).get_shape())
-                except Exception as err:  # safetensors raises its own error types for a damaged file
-                    raise ConfigError(
-                        f"checkpoint file {file} is unreadable ({err}); resume from another one"
-                    ) from None
-            else:
-                state = torch.load(file, map_location="cpu", weights_only=True)
-                saved.update({k.removeprefix("module."): tuple(v.shape) for k, v in state.items()})
-        missing = sorted(set(self.trainable) - set(saved))
-        unexpected = sorted(set(saved) - set(self.trainable))
-        reshaped = sorted(
-            k for k in set(saved) & set(self.trainable) if saved[k] != tuple(self.trainable[k].shape)
-        )
-        if missing or unexpected or reshaped:
-            details = []
-            if missing:
-                details.append(f"{len(missing)} trainable tensor(s) missing, e.g. {missing[0]}")
-            if unexpected:
-                details.append(f"{len(unexpected)} tensor(s) this run does not have, e.g. {unexpected[0]}")
-            if reshaped:
-                key = reshaped[0]
-                details.append(
-                    f"{len(reshaped)} tensor(s) with another shape, e.g. {key}: checkpoint {saved[key]} vs run "
-                    f"{tuple(self.trainable[key].shape)}"
-                )
-            raise ConfigError(
-                f"checkpoint {checkpoint} does not match this run's adapter ({'; '.join(details)}); resume with the "
-                "adapter config it was saved with, or start without resume_from_checkpoint"
-            )
-
     # --- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, dict[str, float]]:
         accelerator, recipe = self.accelerator, self.recipe
@@ -617,7 +373,7 @@ class _Run:
     # --- saving ----------------------------------------------------------------------------------------------------
     def save_adapter(self, directory: Path) -> None:
         accelerator = self.accelerator
-        self.check_finite_before_saving(f"adapter {directory.name}")
+        check_finite_before_saving(self.trainable, f"adapter {directory.name}", self.progress.completed_steps)
         state_dict = accelerator.get_state_dict(
             self.model
         )  # collective under FSDP/DeepSpeed: all ranks call it
@@ -633,27 +389,16 @@ class _Run:
 
     def save_checkpoint(self) -> None:
         accelerator, config = self.accelerator, self.config
-        root = self.output_dir / CHECKPOINTS_DIR
-        final = root / f"step_{self.progress.completed_steps}"
-        tmp = root / f".step_{self.progress.completed_steps}.tmp"
-        self.check_finite_before_saving(f"checkpoint {final.name}")
+        step = self.progress.completed_steps
+        tmp, final = checkpoint_folders(self.output_dir, step)
+        check_finite_before_saving(self.trainable, f"checkpoint {final.name}", step)
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json_atomic(tmp / "progress.json", {"completed_steps": self.progress.completed_steps})
-            _fsync_tree(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _fsync(root)
-            if config.checkpoints_total_limit:
-                complete = sorted(
-                    (int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.fullmatch(p.name))
-                )
-                for _, old in complete[: -config.checkpoints_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+            publish_checkpoint(tmp, final, step, config.checkpoints_total_limit)
             if config.push_to_hub and config.hub_strategy == "checkpoint":
                 self.push_best_adapter(self.partial_results())
         accelerator.wait_for_everyone()
@@ -714,7 +459,7 @@ class _Run:
 
         resumed_from = 0
         if self.resume_dir is not None:
-            self.check_checkpoint_tensors(self.resume_dir)
+            check_checkpoint_tensors(self.resume_dir, self.trainable)
             accelerator.load_state(str(self.resume_dir), strict=False)
             resumed_from = progress.completed_steps
             accelerator.print(f"resumed from {self.resume_dir} at step {resumed_from}")
@@ -760,7 +505,16 @@ class _Run:
                     window_loss += loss.detach().float()
                     window_count += 1
                     problem = (
-                        self.nonfinite_problem(window_loss, batch) if accelerator.sync_gradients else None
+                        nonfinite_problem(
+                            accelerator,
+                            self.model,
+                            self.trainable,
+                            window_loss,
+                            batch,
+                            progress.completed_steps + 1,
+                        )
+                        if accelerator.sync_gradients
+                        else None
                     )
                     if problem is None:
                         if accelerator.sync_gradients and config.max_grad_norm:
@@ -775,7 +529,8 @@ class _Run:
                     running_loss += window_loss
                     loss_count += window_count
                 else:
-                    self.handle_nonfinite(problem)
+                    handle_nonfinite(problem, config.on_nonfinite)
+                    progress.skipped_steps.append(progress.completed_steps + 1)
                 window_loss.zero_()
                 window_count = 0
                 progress.completed_steps += 1
@@ -857,39 +612,6 @@ class _Run:
                 write_json_atomic(self.output_dir / RESULTS_FILE, results)
         accelerator.wait_for_everyone()
         accelerator.end_training()
-
-
-def first_nonfinite_module(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
-    """Re-run ``batch`` and name the first module (in execution order) whose output holds a NaN or Inf."""
-    names = {module: name for name, module in model.named_modules()}
-    found: list[str] = []
-
-    def tensors_of(output: Any) -> list[torch.Tensor]:
-        if isinstance(output, torch.Tensor):
-            return [output]
-        values = (
-            output.values()
-            if isinstance(output, dict)
-            else output
-            if isinstance(output, (tuple, list))
-            else ()
-        )
-        return [t for t in values if isinstance(t, torch.Tensor)]
-
-    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-        if not found and any(
-            t.is_floating_point() and not torch.isfinite(t).all() for t in tensors_of(output)
-        ):
-            found.append(names.get(module) or type(module).__name__)
-
-    handles = [module.register_forward_hook(hook) for module in model.modules()]
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found[0] if found else None
 
 
 def check_hub_access(config: TrainConfig) -> None:

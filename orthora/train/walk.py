@@ -32,9 +32,9 @@ from torch import nn
 
 from .. import arithmetic, diagnostics
 from ..layer import OrthoLayer
+from .atomic_files import write_json_atomic
 from .config import TrainConfig
 from .engine import run as train_run
-from .engine import write_json_atomic
 from .recipes.glue import GLUE_TASKS, PRIMARY_METRIC, GlueRecipe
 
 #: adapter settings of each method: the same targets and about the same number of trainable parameters
