@@ -23,7 +23,7 @@ TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def adapter_config() -> orthora.OrthoConfig:
-    return orthora.OrthoConfig(target_modules=TARGETS, block_size=16, side="both")
+    return orthora.OrthoConfig(target_modules=TARGETS, block_size=16, side="both", magnitude=False)
 
 
 def build(fsdp: bool):

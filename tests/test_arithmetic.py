@@ -15,9 +15,13 @@ TARGETS = ["query", "value"]
 
 
 def _config(**kwargs) -> orthora.OrthoConfig:
+    """A random adapter on the output side without magnitude (what `_blocks` reads), unless a test says otherwise."""
+    kwargs.setdefault("target_modules", TARGETS)
     kwargs.setdefault("block_size", 16)
     kwargs.setdefault("init_weights", False)
-    return orthora.OrthoConfig(target_modules=TARGETS, **kwargs)
+    kwargs.setdefault("side", "output")
+    kwargs.setdefault("magnitude", False)
+    return orthora.OrthoConfig(**kwargs)
 
 
 def _model(first: dict | None = None, **others: dict):
@@ -223,7 +227,7 @@ def test_mismatched_block_layouts_are_named(other, message):
 def test_different_targets_are_named():
     torch.manual_seed(0)
     model = get_peft_model(tiny_bert(), _config(), adapter_name="a")
-    model.add_adapter("b", orthora.OrthoConfig(target_modules=["query"], block_size=16, init_weights=False))
+    model.add_adapter("b", _config(target_modules=["query"]))
     with pytest.raises(ValueError, match=r"value \(output side\) is rotated by 'a' but not by 'b'"):
         model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "mix", combination_type="geodesic")
 
@@ -267,6 +271,7 @@ def test_a_result_the_exp_map_would_scale_down_is_refused():
         parametrization="householder",
         num_reflections=32,
         init_weights=False,
+        side="output",
     )
     model = get_peft_model(tiny_bert(), config, adapter_name="a")
     with pytest.raises(ValueError, match=r"layer.0.attention.self.query \(output side\).*cannot be stored"):

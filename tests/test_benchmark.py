@@ -69,7 +69,8 @@ def test_orthora_budget_comes_from_the_parametrization_table():
         for side, rotated in (("output", 192), ("input", 192), ("both", 384)):
             expected = rotated // 16 * spec.num_params(16, num_reflections=4)
             assert budgets.orthora_budget(widths, 16, name, side, num_reflections=4) == expected
-    method = budgets.MethodSpec("o", "orthora", dict(parametrization="exp", side="both", block_size=16))
+    rotations_only = dict(parametrization="exp", side="both", block_size=16, magnitude=False)
+    method = budgets.MethodSpec("o", "orthora", rotations_only)
     assert budgets.trainable_params(method, widths) == budgets.orthora_budget(widths, 16, "exp", "both")
 
 

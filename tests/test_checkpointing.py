@@ -45,7 +45,12 @@ def _gradients(config: orthora.OrthoConfig, checkpointing: bool, use_reentrant: 
 def test_checkpointing_gives_the_same_gradients(parametrization, side, fold, use_reentrant, monkeypatch):
     monkeypatch.setattr(OrthoLayer, "fold_policy", fold)
     config = orthora.OrthoConfig(
-        target_modules=TARGETS, block_size=16, side=side, parametrization=parametrization, init_weights=False
+        target_modules=TARGETS,
+        block_size=16,
+        side=side,
+        parametrization=parametrization,
+        init_weights=False,
+        magnitude=False,  # rotations only (the magnitude has its own test below)
     )
     loss, grads, calls = _gradients(config, checkpointing=False, use_reentrant=use_reentrant)
     loss_ckpt, grads_ckpt, calls_ckpt = _gradients(config, checkpointing=True, use_reentrant=use_reentrant)
@@ -72,6 +77,22 @@ def test_checkpointing_other_maps(parametrization):
     loss_ckpt, grads_ckpt, _ = _gradients(config, checkpointing=True, use_reentrant=False)
     torch.testing.assert_close(loss_ckpt, loss)
     for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("fold", ["always", "never"], ids=["fold-path", "rotate-path"])
+def test_checkpointing_with_magnitude(fold, monkeypatch):
+    """The per-output-feature magnitude (scaled activations or folded weights) under recomputation."""
+    monkeypatch.setattr(OrthoLayer, "fold_policy", fold)
+    config = orthora.OrthoConfig(
+        target_modules=TARGETS, block_size=16, side="both", magnitude=True, init_weights=False
+    )
+    loss, grads, _ = _gradients(config, checkpointing=False, use_reentrant=False)
+    loss_ckpt, grads_ckpt, _ = _gradients(config, checkpointing=True, use_reentrant=False)
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) == 2 * len(TARGETS) * 3  # out, in, magnitude
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 

@@ -147,9 +147,18 @@ def test_inspect_shows_diagnostics_and_plots(trained, tmp_path, capsys):
     code, printed, _ = run_cli(capsys, "inspect", str(out / "adapter"), "--json")
     assert code == 0
     report = json.loads(printed)
-    expected = diagnostics.layer_report(load_pretrained(str(out / "adapter")))
-    assert [r["module"] for r in report["rows"]] == [r["module"] for r in expected] and len(expected) == 4
+    adapted = load_pretrained(str(out / "adapter"))
+    expected = diagnostics.layer_report(adapted)
+    # trained with the default side and magnitude: one row per rotated side, one for the magnitude
+    config = adapted.peft_config["default"]
+    per_module = (2 if config.side == "both" else 1) + config.magnitude
+    assert [(r["module"], r["side"]) for r in report["rows"]] == [(r["module"], r["side"]) for r in expected]
+    assert len(expected) == 4 * per_module  # query and value of 2 layers
     for shown, computed in zip(report["rows"], expected, strict=True):
+        if computed["side"] == "magnitude":  # a per-feature scale: no angle or distance, a weight change
+            assert shown["relative_weight_change"] == pytest.approx(computed["relative_weight_change"])
+            assert shown["relative_weight_change"] > 0
+            continue
         assert shown["distance_from_identity"] == pytest.approx(computed["distance_from_identity"])
         assert shown["distance_from_identity"] > 0 and shown["orthogonality_error"] < 1e-5
     plot = tmp_path / "rotations.png"

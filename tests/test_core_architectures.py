@@ -40,7 +40,7 @@ def test_architecture_forward_backward_merge(name, side, fold, monkeypatch):
 
     with torch.no_grad():
         for r in rots.values():
-            r.weight.add_(0.05 * torch.randn_like(r.weight))
+            r.weight.add_(0.05 / r.scale * torch.randn_like(r.weight))  # the same rotation at every scale
     model.eval()
     adapted = model_output(model, batch).detach()
     merged = model.merge_and_unload()
@@ -65,7 +65,7 @@ def test_generate_with_mixed_adapters_and_beams(name):
     model.add_adapter("other", OrthoConfig(task_type=task_type, target_modules=targets, block_size=8))
     with torch.no_grad():  # non-identity adapters, as after training, so each adapter changes the generation
         for r in (m for m in model.modules() if isinstance(m, BlockRotation)):
-            r.weight.add_(0.5 * torch.randn_like(r.weight))
+            r.weight.add_(0.5 / r.scale * torch.randn_like(r.weight))  # the same rotation at every scale
     model.eval()
     ids = batch_for(kind, batch=3, length=6, seed=1)["input_ids"]
     names = ["default", "other", "__base__"]

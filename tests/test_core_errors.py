@@ -9,6 +9,7 @@ from tiny_models import batch_for, tiny_bert
 from torch import nn
 
 from orthora import OrthoConfig
+from orthora.config import DEFAULT_BLOCK_SIZE
 from orthora.layer import OrthoLayer
 
 
@@ -28,7 +29,7 @@ def test_block_size_that_does_not_divide_names_layer_width_and_valid_sizes():
     base = tiny_bert(hidden=48)  # query: 48 -> 48, intermediate: 48 -> 96
     before = snapshot(base)
     with pytest.raises(ValueError) as info:
-        get_peft_model(base, OrthoConfig(target_modules=["query"], block_size=20))
+        get_peft_model(base, OrthoConfig(target_modules=["query"], block_size=20, side="output"))
     message = str(info.value)
     assert "bert.encoder.layer.0.attention.self.query" in message
     assert "block_size=20 does not divide the output width 48" in message
@@ -80,7 +81,8 @@ def test_block_size_and_num_blocks_both_or_neither():
     with pytest.raises(ValueError, match="set exactly one of block_size and num_blocks; both are None"):
         OrthoConfig(block_size=None, num_blocks=None)
     assert OrthoConfig(num_blocks=4).block_size is None
-    assert OrthoConfig().block_size == 32
+    default = OrthoConfig().block_size  # the default block size, as a plain int (it serialises as one)
+    assert default == DEFAULT_BLOCK_SIZE and type(default) is int
 
 
 @pytest.mark.parametrize(
@@ -159,7 +161,7 @@ def _saved_adapter(tmp_path, **kwargs):
 
 
 def test_loading_an_adapter_with_other_shapes_fails_and_leaves_the_model_as_it_was(tmp_path):
-    path = _saved_adapter(tmp_path, block_size=16)
+    path = _saved_adapter(tmp_path, block_size=16, side="output")
     # same module names, different width: the 16-blocks do not fit a hidden size of 48
     shutil.copy(path / "adapter_model.safetensors", tmp_path / "weights")
     cfg = (path / "adapter_config.json").read_text().replace('"block_size": 16', '"block_size": 8')

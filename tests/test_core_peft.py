@@ -21,11 +21,13 @@ TARGETS = ["query", "value", "intermediate.dense", "output.dense"]
 
 
 def randomize(model, scale=0.3, seed=1):
+    """Move every rotation's generator by ``scale`` x noise (divided by the generator scale, so the rotations are
+    the same whatever ``generator_scale`` is; for Householder the scale only divides the vectors' length)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, BlockRotation):
-                module.weight.add_(scale * torch.randn(module.weight.shape, generator=g))
+                module.weight.add_(scale / module.scale * torch.randn(module.weight.shape, generator=g))
 
 
 def rotation_modules(model):
@@ -156,7 +158,13 @@ def test_usage_from_the_readme(tmp_path, batch):
     tensors = load_file(tmp_path / "out" / "adapter_model.safetensors")
     # only adapter tensors (rotations) and the trained head (modules_to_save of SEQ_CLS)
     assert all(".ortho_" in k or ".classifier." in k for k in tensors), list(tensors)
-    assert sum(".ortho_out." in k for k in tensors) == 4
+    # one tensor per targeted module (query, value x 2 layers) for each table the default config fills
+    config = model.peft_config["default"]
+    tables = {"output": ["ortho_out"], "input": ["ortho_in"], "both": ["ortho_out", "ortho_in"]}[config.side]
+    tables += ["ortho_magnitude"] if config.magnitude else []
+    for table in tables:
+        assert sum(f".{table}." in k for k in tensors) == 4, table
+    assert sum(".ortho_" in k for k in tensors) == 4 * len(tables)
     assert not any("embeddings" in k or "attention.output" in k for k in tensors)
 
     again = PeftModel.from_pretrained(tiny_bert(), tmp_path / "out")
@@ -168,7 +176,8 @@ def test_usage_from_the_readme(tmp_path, batch):
 
 
 def test_adapter_file_is_small_and_holds_only_adapter_tensors(tmp_path):
-    model = get_peft_model(tiny_bert(), OrthoConfig(target_modules=["query"], block_size=8))
+    config = OrthoConfig(target_modules=["query"], block_size=8, side="output", magnitude=False)
+    model = get_peft_model(tiny_bert(), config)
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert set(tensors) == {
@@ -308,10 +317,9 @@ def test_default_target_modules_and_all_linear():
 
 
 def test_block_share_and_num_blocks_parameter_counts():
-    shared = get_peft_model(
-        tiny_bert(), OrthoConfig(target_modules=["query"], block_size=16, block_share=True)
-    )
-    per_block = get_peft_model(tiny_bert(), OrthoConfig(target_modules=["query"], num_blocks=4))
+    layout = {"target_modules": ["query"], "side": "output", "magnitude": False}  # one rotation per layer
+    shared = get_peft_model(tiny_bert(), OrthoConfig(**layout, block_size=16, block_share=True))
+    per_block = get_peft_model(tiny_bert(), OrthoConfig(**layout, num_blocks=4))
     n_shared = sum(p.numel() for n, p in shared.named_parameters() if p.requires_grad)
     n_block = sum(p.numel() for n, p in per_block.named_parameters() if p.requires_grad)
     assert n_shared == 2 * 120 and n_block == 2 * 4 * 120

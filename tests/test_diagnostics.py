@@ -14,13 +14,14 @@ import orthora
 from orthora import diagnostics
 
 
-def _orthora(side: str = "output", init_weights: bool = True, **kwargs):
+def _orthora(side: str = "output", init_weights: bool = True, magnitude: bool = False, **kwargs):
     config = orthora.OrthoConfig(
         task_type="SEQ_CLS",
         target_modules=["query", "value"],
         block_size=16,
         side=side,
         init_weights=init_weights,
+        magnitude=magnitude,
         **kwargs,
     )
     return get_peft_model(tiny_bert(), config)
@@ -59,7 +60,7 @@ def test_identity_adapter_reports_no_change():
 def test_angles_and_distance_of_a_known_plane_rotation():
     """exp of a generator with a single entry theta rotates one plane by theta: eigen-angles +-theta, 0."""
     theta = 0.7
-    model = _orthora(parametrization="exp")
+    model = _orthora(parametrization="exp", generator_scale=1.0)  # the stored entry is the generator's
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
     with torch.no_grad():
         layer.ortho_out["default"].weight[0, 0] = theta  # block 0, entry (0, 1) of the generator

@@ -34,6 +34,9 @@ def cases(draw):
             "block_share": draw(st.booleans()),
             "num_reflections": draw(st.integers(1, 4)),
             "max_angle": draw(st.one_of(st.none(), st.floats(-1.0, 4.0), st.just(math.nan))),
+            # drawn, not left to the defaults, so the property covers both whatever the default config is
+            "generator_scale": draw(st.sampled_from([1.0, "auto"])),
+            "magnitude": draw(st.booleans()),
             **({"num_blocks": shape} if use_num_blocks else {"block_size": shape}),
         },
     }
@@ -86,7 +89,9 @@ def test_every_config_works_or_is_refused_before_any_weight_is_touched(case):
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # a trained-looking adapter: every block away from the identity
         for rotation in (m for m in peft_model.modules() if isinstance(m, BlockRotation)):
-            rotation.weight.add_(torch.randn(rotation.weight.shape, generator=g).to(rotation.weight.dtype))
+            # divided by the generator scale: the same rotation at every scale
+            noise = torch.randn(rotation.weight.shape, generator=g) / rotation.scale
+            rotation.weight.add_(noise.to(rotation.weight.dtype))
             blocks = rotation.blocks()
             assert blocks.dtype == torch.float32
             error = rotations.orthogonality_error(blocks).item()

@@ -29,11 +29,13 @@ def adapted_model(seed: int = 0, **config):
         base,
         orthora.OrthoConfig(task_type="SEQ_CLS", target_modules=["query", "value"], block_size=16, **config),
     )
+    # rotation parameters move by 0.1 / generator scale: the same rotations whatever generator_scale is
+    scales = {id(m.weight): m.scale for m in model.modules() if isinstance(m, orthora.BlockRotation)}
     torch.manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
-                param.add_(0.1 * torch.randn_like(param))
+                param.add_(0.1 / scales.get(id(param), 1.0) * torch.randn_like(param))
     return model.eval()
 
 
@@ -74,7 +76,9 @@ def test_push_to_hub_uploads_adapter_and_orthora_card(fake_hub, tmp_path):
     assert card.data.pipeline_tag == "text-classification"
     assert {"orthora", "peft", f"base_model:adapter:{BASE_REPO}"} <= set(card.data.tags)
     assert "pip install orthora" in card.text and "import orthora" in card.text
-    assert "| `block_size` | `16` |" in card.text and '| `side` | `"output"` |' in card.text
+    # the card lists the config's values, whatever the default side is
+    side = model.peft_config["default"].side
+    assert "| `block_size` | `16` |" in card.text and f'| `side` | `"{side}"` |' in card.text
     stored = sum(t.numel() for t in local.values())
     assert f"{stored:,} parameters in `adapter_model.safetensors`" in card.text
     assert "No evaluation was recorded" in card.text

@@ -89,7 +89,7 @@ def test_magnitude_saves_loads_and_merges_into_a_plain_model(tmp_path):
 
 
 def test_magnitude_adds_one_parameter_per_output_feature_and_can_change_norms():
-    plain = get_peft_model(MLP(), orthora.OrthoConfig(target_modules=["up"], block_size=8))
+    plain = get_peft_model(MLP(), orthora.OrthoConfig(target_modules=["up"], block_size=8, magnitude=False))
     scaled = get_peft_model(MLP(), orthora.OrthoConfig(target_modules=["up"], block_size=8, magnitude=True))
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
     assert count(scaled) - count(plain) == 32
@@ -144,7 +144,8 @@ def test_householder_scale_divides_the_initial_vectors_and_keeps_the_identity():
     torch.manual_seed(0)
     scaled = orthora.BlockRotation(16, 2, 8, config)
     torch.manual_seed(0)
-    plain = orthora.BlockRotation(16, 2, 8, orthora.OrthoConfig(block_size=8, parametrization="householder"))
+    unscaled = orthora.OrthoConfig(block_size=8, parametrization="householder", generator_scale=1.0)
+    plain = orthora.BlockRotation(16, 2, 8, unscaled)
     torch.testing.assert_close(scaled.weight, plain.weight / 0.1)
     torch.testing.assert_close(scaled.blocks(), torch.eye(8).expand(2, 8, 8), atol=1e-6, rtol=0)
 

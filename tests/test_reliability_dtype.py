@@ -37,7 +37,8 @@ def saved_adapter(tmp_path_factory):
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, BlockRotation):
-                module.weight.add_(0.2 * torch.randn(module.weight.shape, generator=g))
+                # divided by the generator scale: the same rotation whatever generator_scale is
+                module.weight.add_(0.2 / module.scale * torch.randn(module.weight.shape, generator=g))
     path = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(path)
     return path, {k: v.detach().clone() for k, v in model.state_dict().items() if "ortho_" in k}

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from orthora.train.cli import main
 
 DRIVER = Path(__file__).with_name("kill_driver.py")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_args(model: str, train: str, dev: str, out: Path) -> list[str]:
@@ -60,7 +61,10 @@ def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(
     train, dev, reference = data_and_reference
     out = tmp_path / "run"
     args = run_args(tiny_train_models["bert"], train, dev, out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # the driver is a script, so its sys.path starts at tests/: PYTHONPATH makes it import this checkout's orthora
+    # (not another one installed in the environment), like the in-process reference run
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
     killed = subprocess.run(
         [sys.executable, str(DRIVER), *kill_point, "--", *args], env=env, capture_output=True, timeout=300
     )

@@ -31,7 +31,14 @@ def test_large_inputs_and_learning_rate_never_give_nan(parametrization):
     """The issue's reproduction: inputs up to ~100, three SGD steps at lr 0.5 on ``loss = output.sum()``."""
     model = get_peft_model(
         tiny_mlp(),
-        OrthoConfig(target_modules=["0", "2"], block_size=8, side="both", parametrization=parametrization),
+        OrthoConfig(
+            target_modules=["0", "2"],
+            block_size=8,
+            side="both",
+            parametrization=parametrization,
+            generator_scale=1.0,  # the reproduction's steps: auto would shrink SGD's generator steps by scale^2
+            magnitude=False,
+        ),
     )
     x = 100 * (2 * torch.rand(64, 16, generator=torch.Generator().manual_seed(0)) - 1)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -103,15 +110,17 @@ LONG_RUN_MAPS = (
 
 
 def long_run_model(dtype):
-    """One 8 -> 8 layer per parametrization, adapted on the output side with blocks of 4, all adapters active."""
+    """One 8 -> 8 layer per parametrization, adapted on the output side with blocks of 4, all adapters active.
+
+    Unscaled generators (generator_scale=1.0): SGD then moves the generators themselves by the learning rate, so
+    the large steps push them far out (a scale s would shrink each generator step by s^2)."""
     torch.manual_seed(0)
     base = nn.Sequential(*[nn.Linear(8, 8) for _ in LONG_RUN_MAPS]).to(dtype)
+    layout = {"block_size": 4, "side": "output", "generator_scale": 1.0, "magnitude": False}
     first, *rest = LONG_RUN_MAPS
-    model = get_peft_model(
-        base, OrthoConfig(target_modules=["0"], block_size=4, parametrization=first), first
-    )
+    model = get_peft_model(base, OrthoConfig(target_modules=["0"], parametrization=first, **layout), first)
     for index, name in enumerate(rest, start=1):
-        model.add_adapter(name, OrthoConfig(target_modules=[str(index)], block_size=4, parametrization=name))
+        model.add_adapter(name, OrthoConfig(target_modules=[str(index)], parametrization=name, **layout))
     model.base_model.set_adapter(list(LONG_RUN_MAPS))
     return model
 

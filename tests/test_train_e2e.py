@@ -205,7 +205,8 @@ def test_head_learning_rate_drives_only_the_task_head(tiny_train_models, task_fi
         model = PeftModel.from_pretrained(base, out / "adapter")
         state = model.state_dict()
         heads[name] = {k: v for k, v in state.items() if ".modules_to_save." in k and "classifier" in k}
-        generators[name] = [v for k, v in state.items() if "ortho_out" in k]
+        # the rotations of whichever side(s) the default config adapts (not a magnitude, which starts at 1)
+        generators[name] = [v for k, v in state.items() if ".ortho_out." in k or ".ortho_in." in k]
     assert heads["frozen_head"] and generators["frozen_head"]
     for key, value in heads["frozen_head"].items():
         moved = (value - heads["same_rate"][key]).abs().max()
