@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:  # one worker per core (pytest-xdist, `-n auto`): one torch thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # --- orthora.train: tiny random models, a word-level tokenizer and synthetic task data (no downloads) ------------

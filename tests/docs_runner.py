@@ -16,7 +16,8 @@ Rules (also stated for readers in docs/usage.md, "How the examples are tested"):
   - ``python scripts/quickstart.py`` runs one epoch instead of three (tests/test_train_quickstart.py checks the
     full run);
   - ``python scripts/arithmetic_walk.py`` runs the smoke form of its own docstring;
-  - ``python -m pytest ...`` only collects the tests it names (running the suite is CI's own job);
+  - ``python -m pytest ...`` is checked, not run (running the suite is CI's own job): every path or node id it
+    names must exist and every marker of its ``-m`` expression must be registered in pyproject.toml;
   - benchmark commands (``python -m orthora.bench``, ``python scripts/benchmark.py``, and
     ``python -m orthora.bench.sensitivity``) are parsed by the benchmark's own parser (the probe's own), with every quality method, task and target set resolved, but not run: even their
     ``--dry-run`` forms take minutes here, and tests/test_benchmark.py runs the dry run of every profile.
@@ -104,8 +105,9 @@ python() {  # long runs take their smoke form (the substitutions are appended, s
     command python "$@" --num_train_epochs 1
   elif [[ "${1:-}" == scripts/arithmetic_walk.py ]]; then  # the smoke run of the script's own docstring
     command python "$@" --train-samples 32 --epochs 1 --eval-samples 64 --points 3
-  elif [[ "${1:-}" == -m && "${2:-}" == pytest ]]; then  # the suite itself is what CI runs: collect only
-    command python "$@" --collect-only -q
+  elif [[ "${1:-}" == -m && "${2:-}" == pytest ]]; then  # the suite itself is what CI runs: check what it names
+    shift 2
+    "$DOCS_RUNNER_PYTHON" "$DOCS_RUNNER" check-pytest "$@"
   elif [[ "${1:-}" == -m && "${2:-}" == orthora.bench.sensitivity ]]; then
     # ten minutes on the shared data: recorded, then parsed by the probe's own parser (check_benchmark_command)
     shift 2
@@ -132,6 +134,39 @@ def check_extras(names: str) -> None:
     missing = [name for name in names.split(",") if name.strip() not in extras]
     if missing:
         raise SystemExit(f"pyproject.toml has no extra {missing}; extras: {', '.join(extras)}")
+
+
+_PYTEST_OPTIONS_WITH_VALUE = {"-m", "-k", "-p", "-n", "--durations", "--maxfail", "--tb", "-o", "--dist"}
+_MARKER_WORDS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_pytest(argv: list[str]) -> None:
+    """A docs page's ``python -m pytest ARGS``: the files and tests it names exist, its markers are registered.
+
+    Collecting would also catch this, but it imports the whole suite for every command (tens of seconds each).
+    """
+    pytest_options = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    registered = {line.split(":")[0].strip() for line in pytest_options["markers"]}
+    problems, args = [], iter(argv)
+    for arg in args:
+        if arg in _PYTEST_OPTIONS_WITH_VALUE:
+            value = next(args, "")
+            if arg == "-m":
+                unknown = set(_MARKER_WORDS.findall(value)) - {"and", "or", "not"} - registered
+                problems += [
+                    f"marker {name!r} is not registered in pyproject.toml" for name in sorted(unknown)
+                ]
+        elif not arg.startswith("-"):
+            path, _, test = arg.partition("::")
+            name = test.split("::")[-1].split("[")[0]
+            if not Path(path).exists():
+                problems.append(f"no test file or folder {path!r}")
+            elif name and not re.search(
+                rf"^\s*(def|class) {re.escape(name)}\b", Path(path).read_text(), re.M
+            ):
+                problems.append(f"{path} has no test {test!r}")
+    if problems:
+        raise SystemExit("pytest " + " ".join(argv) + ": " + "; ".join(problems))
 
 
 def make_workdir(root: Path) -> Path:
@@ -256,5 +291,7 @@ def run_page(page: Path, workdir: Path) -> Iterator[Block]:
 if __name__ == "__main__":  # used by the bash prelude
     if sys.argv[1:2] == ["check-extras"]:
         check_extras(sys.argv[2])
+    elif sys.argv[1:2] == ["check-pytest"]:
+        check_pytest(sys.argv[2:])
     else:
-        raise SystemExit("usage: docs_runner.py check-extras NAMES")
+        raise SystemExit("usage: docs_runner.py check-extras NAMES | check-pytest PYTEST_ARGS")

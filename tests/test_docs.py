@@ -80,6 +80,7 @@ def test_bash_prelude_checks_benchmark_commands_without_running_them(tmp_path):
         "python -m orthora.bench.sensitivity --sts-pairs 500 --out x.json\n"
         'python -m orthora.bench --profile quality --quality-methods "lora,orthora[side=input,block_size=16]" --render\n'
         'pip install -e ".[dev]"\n'
+        'python -m pytest -q tests/test_docs.py::test_index_figure_script_runs tests/test_train_*.py -m "not slow"\n'
         "echo done\n"
     )
     assert "done" in docs_runner.run_bash(docs_runner.Block(DOCS / "x.md", 1, "bash", good), workdir)
@@ -90,6 +91,9 @@ def test_bash_prelude_checks_benchmark_commands_without_running_them(tmp_path):
         ("python -m orthora.bench --profile quality --tasks sst2,imdb", "imdb"),
         ('pip install -e ".[nonexistent]"', "no extra"),
         ("python -m orthora.bench.sensitivity --out x.json --theta 0.1", "theta"),
+        ("python -m pytest tests/test_no_such_file.py", "no test file"),
+        ("python -m pytest tests/test_docs.py::test_no_such_test", "has no test"),
+        ('python -m pytest tests -m "not sloww"', "sloww"),
     ):
         with pytest.raises(AssertionError, match=message):
             docs_runner.run_bash(docs_runner.Block(DOCS / "x.md", 1, "bash", bad), workdir)
