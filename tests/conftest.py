@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if "PYTEST_XDIST_WORKER" in os.environ:  # one worker per core (pytest-xdist, `-n auto`): one torch thread each
+# one pytest-xdist worker per core (addopts: -n auto), so one torch thread each
+if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
