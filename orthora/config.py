@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 from safetensors import SafetensorError, safe_open
@@ -20,9 +20,15 @@ from .rotations import PARAMETRIZATIONS, Parametrization, get_parametrization
 SIDES = ("output", "input", "both")
 BIAS_OPTIONS = ("none", "all", "ortho_only")
 
-#: Version of the on-disk adapter layout. Bump it when parameter names or shapes change and add a converter in
-#: `orthora.model.OrthoModel._remap_adapter_state_dict_for_load`, so adapters saved by older releases keep loading.
-FORMAT_VERSION = 1
+#: Version of the on-disk adapter layout. Bump it when parameter names or shapes change (and add a converter in
+#: `orthora.model.OrthoModel._remap_adapter_state_dict_for_load`) or when a default changes (and record the old
+#: value in `FORMER_DEFAULTS`), so adapters saved by older releases keep loading as they were trained.
+FORMAT_VERSION = 2
+
+#: Defaults that changed, as the files of each older format version had them. PEFT writes every field, so a field
+#: is missing from a saved config only when the file predates the field, i.e. it was trained with the behaviour of
+#: that field's old default: such a file loads with the old value, not today's default.
+FORMER_DEFAULTS: dict[int, dict[str, Any]] = {1: {"generator_scale": 1.0}}
 
 
 class _DefaultBlockSize(int):
@@ -34,6 +40,17 @@ class _DefaultBlockSize(int):
 
 
 DEFAULT_BLOCK_SIZE = _DefaultBlockSize(32)
+
+
+class _DefaultScale(str):
+    """The default generator scale, distinguishable (by identity) from a value the user typed or a file held.
+
+    A config loaded from an older format without the field resolves it to that format's default
+    (`FORMER_DEFAULTS`); everything else gets ``"auto"``. It serialises as a plain string.
+    """
+
+
+DEFAULT_GENERATOR_SCALE = _DefaultScale("auto")
 
 
 @dataclass
@@ -95,7 +112,7 @@ class OrthoConfig(PeftConfig):
         },
     )
     generator_scale: Union[float, str] = field(
-        default=1.0,
+        default=DEFAULT_GENERATOR_SCALE,
         metadata={
             "help": "Factor on each block's skew generator (for Householder: on its initial vectors' inverse), which "
             "under Adam is a learning-rate multiplier for the rotations alone. 'auto' = the parametrization's "
@@ -157,6 +174,7 @@ class OrthoConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ORTHORA_PEFT_TYPE
+        self._resolve_former_defaults()
         self._resolve_block_shape()
         if self.side not in SIDES:
             raise ValueError(f"OrthoConfig: unknown side={self.side!r}; valid values are {', '.join(SIDES)}.")
@@ -223,6 +241,11 @@ class OrthoConfig(PeftConfig):
             raise ValueError(
                 "OrthoConfig: layers_to_transform cannot be used when target_modules is a regex string."
             )
+
+    def _resolve_former_defaults(self) -> None:
+        former = FORMER_DEFAULTS.get(self.format_version, {}) if isinstance(self.format_version, int) else {}
+        if self.generator_scale is DEFAULT_GENERATOR_SCALE:
+            self.generator_scale = former.get("generator_scale", "auto")  # a plain value from here on
 
     def _resolve_block_shape(self) -> None:
         block_size_is_default = self.block_size is DEFAULT_BLOCK_SIZE

@@ -125,6 +125,15 @@ def test_a_run_counts_for_every_name_of_its_config():
     )  # another target set's runs never count
 
 
+def test_fingerprint_is_the_method_not_the_file_layout():
+    """A new adapter file layout (format_version) must not orphan every finished orthora run; a real setting must."""
+    table = quality.method_table(quality.TARGET_SETS["encoder"])
+    assert "format_version" not in table["orthora"].resolved_config
+    other_block = table["orthora"].resolved_config["block_size"] // 2  # a block size other than the default's
+    variant = quality.resolve_method(f"orthora[block_size={other_block}]", quality.TARGET_SETS["encoder"])
+    assert variant.fingerprint != table["orthora"].fingerprint
+
+
 def test_finished_check_and_claim_ignore_the_method_name(tmp_path):
     as_variant = quality.RunKey("encoder", "sst2", "orthora[side=input]", "abc123", 1e-3, 0, head_lr=0.01)
     as_default = dataclasses.replace(as_variant, method="orthora")

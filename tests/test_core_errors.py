@@ -1,5 +1,6 @@
 """Bad input gets an error that names the cause, and a failure leaves the model as it was."""
 
+import json
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ from tiny_models import batch_for, tiny_bert
 from torch import nn
 
 from orthora import OrthoConfig
-from orthora.config import DEFAULT_BLOCK_SIZE
+from orthora.config import DEFAULT_BLOCK_SIZE, FORMAT_VERSION
 from orthora.layer import OrthoLayer
 
 
@@ -218,9 +219,10 @@ def test_truncated_or_corrupt_adapter_file_is_named_before_the_model_is_touched(
 
 def test_a_newer_adapter_format_asks_for_an_upgrade(tmp_path):
     path = _saved_adapter(tmp_path, block_size=16)
-    cfg = (path / "adapter_config.json").read_text().replace('"format_version": 1', '"format_version": 7')
-    (path / "adapter_config.json").write_text(cfg)
-    with pytest.raises(ValueError, match="format version 7.*upgrade orthora"):
+    saved = json.loads((path / "adapter_config.json").read_text())
+    assert saved["format_version"] == FORMAT_VERSION
+    (path / "adapter_config.json").write_text(json.dumps({**saved, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(ValueError, match=f"format version {FORMAT_VERSION + 1}.*upgrade orthora"):
         PeftModel.from_pretrained(tiny_bert(), path)
 
 

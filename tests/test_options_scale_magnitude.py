@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -86,6 +87,37 @@ def test_magnitude_saves_loads_and_merges_into_a_plain_model(tmp_path):
     merged = loaded.merge_and_unload()
     assert isinstance(merged.up, nn.Linear)
     torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("saved_as", ["number", "auto"])
+def test_an_adapter_saved_before_a_default_changed_loads_as_it_was_trained(tmp_path, saved_as):
+    """PEFT writes every field, so a field is missing from a file only when the file predates it: a format-1 adapter
+    without ``generator_scale`` was trained at scale 1 and must load at 1, not at today's default ("auto")."""
+    x = torch.randn(5, 16)
+    config = orthora.OrthoConfig(target_modules=["up", "down"], block_size=8, generator_scale=1.0)
+    model = get_peft_model(MLP(), config)
+    _perturb(model)
+    expected = model(x)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["format_version"] == orthora.config.FORMAT_VERSION and saved["generator_scale"] == 1.0
+    del saved["generator_scale"]
+    if saved_as == "number":  # a file of format 1, written before the field existed
+        saved["format_version"] = 1
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(MLP(), tmp_path)
+    scale = loaded.peft_config["default"].generator_scale
+    if saved_as == "number":
+        assert scale == 1.0 and type(scale) is float
+        torch.testing.assert_close(loaded(x), expected)
+    else:  # today's format without the key: today's default
+        assert scale == "auto" and type(scale) is str
+        assert (loaded(x) - expected).abs().max() > 1e-3
+    assert (
+        orthora.OrthoConfig().generator_scale == "auto" and type(orthora.OrthoConfig().generator_scale) is str
+    )
+    assert orthora.OrthoConfig(format_version=1).generator_scale == 1.0
+    assert orthora.OrthoConfig(format_version=1, generator_scale=0.5).generator_scale == 0.5
 
 
 def test_magnitude_adds_one_parameter_per_output_feature_and_can_change_norms():

@@ -74,6 +74,7 @@ class QualityMethod:
             "revision",
             "inference_mode",
             "peft_version",
+            "format_version",  # the file layout, not the method: a new layout must not orphan finished runs
         ):
             config.pop(key, None)
         return json.loads(json.dumps(config, sort_keys=True, default=str))
