@@ -177,7 +177,9 @@ def matched_methods(widths: Widths, block_size: int, which: str = "all") -> list
 
     def ortho(p: str, side: str = "output", bs: int = b, **kw: Any) -> MethodSpec:
         return MethodSpec(
-            f"orthora-{p}-{side}", "orthora", dict(parametrization=p, side=side, block_size=bs, **kw)
+            f"orthora-{p}-{side}",
+            "orthora",
+            dict(parametrization=p, side=side, block_size=bs, magnitude=False, **kw),  # rotations alone
         )
 
     methods = {

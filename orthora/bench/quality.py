@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from orthora.config import OrthoConfig
 from orthora.train.adapters import build_adapter_config
 from orthora.train.atomic_files import write_json_atomic as write_atomic
 from orthora.train.data import DATA_DIR_ENV, default_data_dir
@@ -117,18 +118,23 @@ def method_table(targets: Sequence[str]) -> dict[str, QualityMethod]:
     widths = minilm_widths(targets)
     matched = _peers(matched_methods(widths, 32))
     half = _peers(matched_methods(widths, 16, "small"))
+    default_block = OrthoConfig().block_size
     table = [
         QualityMethod("lora", _renamed(matched["lora"], "lora"), "matched"),
         QualityMethod("oft", _renamed(matched["oft"], "oft"), "matched"),
         QualityMethod("boft", _renamed(matched["boft"], "boft"), "matched") if "boft" in matched else None,
         QualityMethod("hra", _renamed(matched["hra"], "hra"), "matched"),
         QualityMethod("orthora", MethodSpec("orthora", "orthora", {}), "matched"),
-        QualityMethod(
-            "orthora-output", MethodSpec("orthora-output", "orthora", {"side": "output"}), "matched"
+        QualityMethod(  # the default's rotation on the output side, at LoRA r=8's budget like the others
+            "orthora-output",
+            MethodSpec("orthora-output", "orthora", {"side": "output", "block_size": 32, "magnitude": False}),
+            "matched",
         ),
         QualityMethod("lora-half", _renamed(half["lora"], "lora-half"), "half"),
         QualityMethod("oft-half", _renamed(half["oft"], "oft-half"), "half"),
-        QualityMethod("orthora-half", MethodSpec("orthora-half", "orthora", {"block_size": 16}), "half"),
+        QualityMethod(  # the default with half its block size: half its parameters
+            "orthora-half", MethodSpec("orthora-half", "orthora", {"block_size": default_block // 2}), "half"
+        ),
     ]
     return {m.name: m for m in table if m is not None}
 
