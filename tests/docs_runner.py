@@ -218,6 +218,8 @@ def check_benchmark_command(block: Block, argv: list[str]) -> None:
 
     from orthora.bench import quality, sensitivity
     from orthora.bench.cli import build_parser
+    from orthora.bench.quality_methods import resolve_method
+    from orthora.bench.quality_runs import TARGET_SETS, TASK_METRICS
 
     errors = io.StringIO()
     if argv[:1] == ["@sensitivity"]:
@@ -240,15 +242,13 @@ def check_benchmark_command(block: Block, argv: list[str]) -> None:
         return
     tasks = [task for task in args.tasks.split(",") if task]
     target_sets = [name for name in args.target_sets.split(",") if name]
-    unknown = [t for t in tasks if t not in quality.TASK_METRICS] + [
-        s for s in target_sets if s not in quality.TARGET_SETS
-    ]
+    unknown = [t for t in tasks if t not in TASK_METRICS] + [s for s in target_sets if s not in TARGET_SETS]
     if unknown:
         raise AssertionError(f"{block.where}: unknown task or target set {unknown} in {' '.join(argv)!r}")
     for name in quality._split_top_level(args.quality_methods):  # commas inside [...] belong to a variant
         for target_set in target_sets:
             try:
-                quality.resolve_method(name.strip(), quality.TARGET_SETS[target_set])
+                resolve_method(name.strip(), TARGET_SETS[target_set])
             except ValueError as error:
                 raise AssertionError(f"{block.where}: {error}") from error
 

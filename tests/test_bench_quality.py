@@ -1,4 +1,4 @@
-"""The quality sweep (orthora.bench.quality): LR-grid search, seeds, sanity floor, paired comparison, forgetting."""
+"""The quality sweep (orthora.bench.quality_*): LR-grid search, seeds, sanity floor, paired comparison, forgetting."""
 
 from __future__ import annotations
 
@@ -13,10 +13,21 @@ from conftest import synthetic_rows, write_jsonl
 
 from orthora.bench import quality
 from orthora.bench.budgets import MethodSpec
+from orthora.bench.quality_methods import (
+    QualityMethod,
+    adapter_params,
+    method_table,
+    parse_method_name,
+    resolve_method,
+)
+from orthora.bench.quality_plan import Claim, lr_is_interior, next_lrs, pending, run_sweep
+from orthora.bench.quality_report import head_rate_markdown, quality_markdown, runs_of, summarize
+from orthora.bench.quality_runs import TARGET_SETS, TASK_METRICS, Protocol, RunKey, trivial_score
+from orthora.train.atomic_files import write_json_atomic
 
 
 def record(method, task, lr, seed, score, target_set="encoder", forgetting=10.0, fingerprint="f"):
-    metric = quality.TASK_METRICS[task]
+    metric = TASK_METRICS[task]
     return {
         "target_set": target_set,
         "fingerprint": fingerprint,
@@ -38,41 +49,41 @@ def test_method_names_with_variants_split_and_parse():
         "orthora[side=both,block_size=16]",
         "oft",
     ]
-    assert quality.parse_method_name("orthora[side=both,block_size=16,magnitude=true]") == (
+    assert parse_method_name("orthora[side=both,block_size=16,magnitude=true]") == (
         "orthora",
         {"side": "both", "block_size": 16, "magnitude": True},
     )
     with pytest.raises(ValueError, match="key=value"):
-        quality.parse_method_name("orthora[side]")
+        parse_method_name("orthora[side]")
     with pytest.raises(ValueError, match="unknown quality method 'nope'"):
-        quality.resolve_method("nope", quality.TARGET_SETS["encoder"])
+        resolve_method("nope", TARGET_SETS["encoder"])
 
 
 def test_lr_search_extends_past_a_best_edge_and_stops_inside():
     start = (3e-4, 1e-3, 3e-3)
-    assert quality.next_lrs([], start) == list(start)
+    assert next_lrs([], start) == list(start)
     runs = [record("m", "sst2", lr, 0, s) for lr, s in ((3e-4, 0.7), (1e-3, 0.8), (3e-3, 0.9))]
-    assert quality.next_lrs(runs, start) == [1e-2]  # best at the top edge: one ladder step up
+    assert next_lrs(runs, start) == [1e-2]  # best at the top edge: one ladder step up
     runs.append(record("m", "sst2", 1e-2, 0, None))  # diverged: scores worst, so 3e-3 is now interior
-    assert quality.next_lrs(runs, start) == [] and quality.lr_is_interior(runs)
+    assert next_lrs(runs, start) == [] and lr_is_interior(runs)
     low = [record("m", "sst2", lr, 0, s) for lr, s in ((3e-4, 0.9), (1e-3, 0.8), (3e-3, 0.7))]
-    assert quality.next_lrs(low, start) == [1e-4]
-    assert not quality.lr_is_interior(low)
+    assert next_lrs(low, start) == [1e-4]
+    assert not lr_is_interior(low)
     # seeds other than 0 never steer the search
-    assert quality.next_lrs(low + [record("m", "sst2", 1e-3, 1, 0.99)], start) == [1e-4]
+    assert next_lrs(low + [record("m", "sst2", 1e-3, 1, 0.99)], start) == [1e-4]
     # the ladder's end closes an edge
     top = [record("m", "sst2", lr, 0, s) for lr, s in ((1e-2, 0.1), (3e-2, 0.9))]
-    assert quality.next_lrs(top, (1e-2, 3e-2)) == []
+    assert next_lrs(top, (1e-2, 3e-2)) == []
 
 
 def test_pending_searches_seed0_everywhere_first_then_repeats_at_the_chosen_lr():
-    method = quality.QualityMethod("m", MethodSpec("m", "lora", {}), "matched", (1e-3, 3e-3, 1e-2))
+    method = QualityMethod("m", MethodSpec("m", "lora", {}), "matched", (1e-3, 3e-3, 1e-2))
     fp = method.fingerprint
     done = [
         record("m", "sst2", lr, 0, s, fingerprint=fp) for lr, s in ((1e-3, 0.7), (3e-3, 0.9), (1e-2, 0.8))
     ]
     stale = [record("m", "rte", lr, 0, 0.9, fingerprint="older") for lr in (1e-3, 3e-3, 1e-2)]
-    todo = quality.pending(done + stale, [method], ["sst2", "rte"], ["encoder"], [0, 1, 2])
+    todo = pending(done + stale, [method], ["sst2", "rte"], ["encoder"], [0, 1, 2])
     keys = [(k.task, k.lr, k.seed) for k, _ in todo]
     assert keys == [
         ("rte", 1e-3, 0),
@@ -86,27 +97,25 @@ def test_pending_searches_seed0_everywhere_first_then_repeats_at_the_chosen_lr()
 
 def test_runs_of_another_head_learning_rate_never_count():
     """A sweep with one head LR for every method is another protocol: its runs neither steer nor fill the other's."""
-    method = quality.QualityMethod("m", MethodSpec("m", "lora", {}), "matched", (1e-3, 3e-3, 1e-2))
+    method = QualityMethod("m", MethodSpec("m", "lora", {}), "matched", (1e-3, 3e-3, 1e-2))
     fp = method.fingerprint
     same_head = [
         {**record("m", "sst2", lr, 0, s, fingerprint=fp), "head_lr": None}
         for lr, s in ((1e-3, 0.7), (3e-3, 0.9), (1e-2, 0.8))
     ]
-    todo = quality.pending(same_head, [method], ["sst2"], ["encoder"], [0], head_lr=3e-3)
+    todo = pending(same_head, [method], ["sst2"], ["encoder"], [0], head_lr=3e-3)
     assert [(k.lr, k.seed, k.head_lr) for k, _ in todo] == [(1e-3, 0, 3e-3), (3e-3, 0, 3e-3), (1e-2, 0, 3e-3)]
     assert todo[0][0].file_name.endswith("__lr0.001__h0.003__s0.json")
-    assert quality.pending(same_head, [method], ["sst2"], ["encoder"], [0]) == []
-    assert quality.RunKey("encoder", "sst2", "m", fp, 1e-3, 0).file_name.endswith("__lr0.001__s0.json")
+    assert pending(same_head, [method], ["sst2"], ["encoder"], [0]) == []
+    assert RunKey("encoder", "sst2", "m", fp, 1e-3, 0).file_name.endswith("__lr0.001__s0.json")
 
 
 def test_a_run_counts_for_every_name_of_its_config():
     """When the default becomes a benchmarked variant, ``orthora`` inherits the variant's runs instead of rerunning
     them (the planner, the finished-file check and the claim ignore the name) and shows them under its own name."""
-    variant = quality.QualityMethod(
-        "orthora[side=input]", MethodSpec("v", "orthora", {"side": "input"}), "matched"
-    )
-    default = quality.QualityMethod("orthora", MethodSpec("orthora", "orthora", {"side": "input"}), "matched")
-    other = quality.QualityMethod("orthora-output", MethodSpec("o", "orthora", {"side": "output"}), "matched")
+    variant = QualityMethod("orthora[side=input]", MethodSpec("v", "orthora", {"side": "input"}), "matched")
+    default = QualityMethod("orthora", MethodSpec("orthora", "orthora", {"side": "input"}), "matched")
+    other = QualityMethod("orthora-output", MethodSpec("o", "orthora", {"side": "output"}), "matched")
     assert default.fingerprint == variant.fingerprint != other.fingerprint
     fp = variant.fingerprint
     done = [
@@ -114,28 +123,26 @@ def test_a_run_counts_for_every_name_of_its_config():
     ]
     done[1]["score"] = 0.9
     done += [record(variant.name, "sst2", 1e-3, s, 0.9, fingerprint=fp) for s in (1, 2)]
-    assert quality.pending(done, [default], ["sst2"], ["encoder"], [0, 1, 2]) == []
-    assert len(quality.pending(done, [other], ["sst2"], ["encoder"], [0])) == 3
-    labelled = quality.runs_of(done, {"encoder": [default, variant, other]}, ["sst2"])
+    assert pending(done, [default], ["sst2"], ["encoder"], [0, 1, 2]) == []
+    assert len(pending(done, [other], ["sst2"], ["encoder"], [0])) == 3
+    labelled = runs_of(done, {"encoder": [default, variant, other]}, ["sst2"])
     assert len(labelled) == 5 and {r["method"] for r in labelled} == {"orthora"}  # the first name given wins
     assert {r["method"] for r in done} == {variant.name}  # the records themselves are not changed
-    assert quality.runs_of(done, {"encoder": [other]}, ["sst2"]) == []
-    assert (
-        quality.runs_of(done, {"dense": [default]}, ["sst2"]) == []
-    )  # another target set's runs never count
+    assert runs_of(done, {"encoder": [other]}, ["sst2"]) == []
+    assert runs_of(done, {"dense": [default]}, ["sst2"]) == []  # another target set's runs never count
 
 
 def test_fingerprint_is_the_method_not_the_file_layout():
     """A new adapter file layout (format_version) must not orphan every finished orthora run; a real setting must."""
-    table = quality.method_table(quality.TARGET_SETS["encoder"])
+    table = method_table(TARGET_SETS["encoder"])
     assert "format_version" not in table["orthora"].resolved_config
     other_block = table["orthora"].resolved_config["block_size"] // 2  # a block size other than the default's
-    variant = quality.resolve_method(f"orthora[block_size={other_block}]", quality.TARGET_SETS["encoder"])
+    variant = resolve_method(f"orthora[block_size={other_block}]", TARGET_SETS["encoder"])
     assert variant.fingerprint != table["orthora"].fingerprint
 
 
 def test_finished_check_and_claim_ignore_the_method_name(tmp_path):
-    as_variant = quality.RunKey("encoder", "sst2", "orthora[side=input]", "abc123", 1e-3, 0, head_lr=0.01)
+    as_variant = RunKey("encoder", "sst2", "orthora[side=input]", "abc123", 1e-3, 0, head_lr=0.01)
     as_default = dataclasses.replace(as_variant, method="orthora")
     assert as_variant.file_name != as_default.file_name and as_variant.claim_name == as_default.claim_name
     assert not as_default.finished_in(tmp_path)
@@ -155,10 +162,10 @@ def test_head_rate_table_pairs_runs_that_differ_only_in_the_head_rate():
         "head_lr": 1e-2,
     }  # no partner: left out
     other_config = {**record("m", "sst2", 3e-3, 0, 0.70, forgetting=50.0, fingerprint="g"), "head_lr": None}
-    table = quality.head_rate_markdown([slow, fast, other_seed, other_config], 1e-2)
+    table = head_rate_markdown([slow, fast, other_seed, other_config], 1e-2)
     assert "| sst2 | m | 0.001 | 0 | 80.0 / 40.0 | 81.0 / 10.0 |" in table
     assert table.count("| sst2 |") == 1
-    assert quality.head_rate_markdown([slow, other_config], 1e-2) == ""
+    assert head_rate_markdown([slow, other_config], 1e-2) == ""
 
 
 def test_summary_means_stds_failed_settings_and_paired_differences():
@@ -168,7 +175,7 @@ def test_summary_means_stds_failed_settings_and_paired_differences():
         runs += [record("orthora", "cola", 1e-3, seed, 0.30), record("lora", "cola", 1e-3, seed, 0.01)]
     runs.append(record("orthora", "sst2", 3e-3, 0, 0.50))  # a worse LR on seed 0: not chosen
     trivial = {"sst2": 0.51, "cola": 0.0}
-    summary = quality.summarize(runs, ["sst2", "cola"], trivial)["encoder"]
+    summary = summarize(runs, ["sst2", "cola"], trivial)["encoder"]
     sst2 = summary["orthora"]["tasks"]["sst2"]
     assert sst2["lr"] == 1e-3 and sst2["scores"] == [0.80, 0.82, 0.84]
     assert sst2["mean"] == pytest.approx(0.82) and sst2["std"] == pytest.approx(0.02)
@@ -182,7 +189,7 @@ def test_summary_means_stds_failed_settings_and_paired_differences():
     paired = summary["orthora"]["paired_vs_lora"]["sst2"]
     assert paired["n"] == 3 and paired["mean"] == pytest.approx(0.0267, abs=1e-4)
     assert paired["p"] is not None and paired["p"] < 0.05
-    table = quality.quality_markdown({"encoder": summary}, ["sst2", "cola"], trivial)
+    table = quality_markdown({"encoder": summary}, ["sst2", "cola"], trivial)
     assert (
         "| lora |" in table and "failed: cola" in table and "82.0 ± 2.0 (forgot 10.0; lr 0.001, n=3)" in table
     )
@@ -193,32 +200,32 @@ def test_trivial_baseline_is_the_best_constant_prediction(tmp_path):
     rows = [{"sentence1": "a", "sentence2": "b", "label": int(i < 7), "idx": i} for i in range(10)]
     write_jsonl(tmp_path / "glue" / "mrpc" / "validation.jsonl", rows)
     # always "paraphrase": accuracy 0.7, F1 2*0.7/(1+0.7); the score is their mean
-    assert quality.trivial_score("mrpc", tmp_path) == pytest.approx((0.7 + 1.4 / 1.7) / 2)
-    assert quality.trivial_score("stsb", tmp_path) == 0.0
+    assert trivial_score("mrpc", tmp_path) == pytest.approx((0.7 + 1.4 / 1.7) / 2)
+    assert trivial_score("stsb", tmp_path) == 0.0
 
 
 def test_budgets_match_lora_r8_within_five_percent_and_orthora_is_the_shipped_default():
-    targets = quality.TARGET_SETS["encoder"]
-    table = quality.method_table(targets)
-    lora = quality.adapter_params(table["lora"], targets)
+    targets = TARGET_SETS["encoder"]
+    table = method_table(targets)
+    lora = adapter_params(table["lora"], targets)
     for name in ("oft", "hra", "orthora", "orthora-output"):
-        assert abs(quality.adapter_params(table[name], targets) / lora - 1) <= 0.05, name
+        assert abs(adapter_params(table[name], targets) / lora - 1) <= 0.05, name
     for name in ("lora-half", "oft-half", "orthora-half"):
-        assert 0.45 <= quality.adapter_params(table[name], targets) / lora <= 0.55, name
+        assert 0.45 <= adapter_params(table[name], targets) / lora <= 0.55, name
     assert table["orthora"].spec.kwargs == {}  # OrthoConfig() as shipped: the row measures the default
     assert table["lora"].spec.kwargs["r"] == 8
 
 
 def test_claims_keep_workers_apart_and_stale_claims_are_taken_over(tmp_path):
-    first = quality.Claim(tmp_path / "run.json")
+    first = Claim(tmp_path / "run.json")
     assert first.acquire()
-    assert not quality.Claim(tmp_path / "run.json").acquire()  # this (live) process holds it
+    assert not Claim(tmp_path / "run.json").acquire()  # this (live) process holds it
     first.release()
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     (tmp_path / "run.claim").write_text(dead.stdout.strip())  # a process that has exited
-    assert quality.Claim(tmp_path / "run.json").acquire()
+    assert Claim(tmp_path / "run.json").acquire()
 
 
 def _tiny_data(root, n_train=48, n_dev=16):
@@ -238,14 +245,14 @@ def test_sweep_end_to_end_writes_one_record_per_run_with_forgetting(tmp_path, ti
     """Real runs through orthora.train on a tiny BERT: records carry the metrics, the score, the trained config
     and the zero-shot STS-B forgetting of the adapted encoder; finished settings are never rerun."""
     _tiny_data(tmp_path / "data")
-    protocol = quality.Protocol(train_samples=48, epochs=1, model=tiny_train_models["bert"])
-    method = quality.QualityMethod(
+    protocol = Protocol(train_samples=48, epochs=1, model=tiny_train_models["bert"])
+    method = QualityMethod(
         "orthora", MethodSpec("orthora", "orthora", {"block_size": 16}), "matched", (1e-2, 3e-2)
     )
     runs_dir = tmp_path / "runs"
     logged = []
     kwargs = dict(protocol=protocol, data_dir=tmp_path / "data", runs_dir=runs_dir, log=logged.append)
-    assert quality.run_sweep([method], ["sst2"], ["encoder"], [0, 1], max_runs=2, **kwargs) == 2
+    assert run_sweep([method], ["sst2"], ["encoder"], [0, 1], max_runs=2, **kwargs) == 2
     files = sorted(p.name for p in runs_dir.glob("*.json"))
     fp = method.fingerprint
     assert files == [
@@ -261,19 +268,19 @@ def test_sweep_end_to_end_writes_one_record_per_run_with_forgetting(tmp_path, ti
     assert rec["forgetting"] == pytest.approx(rec["sts_base"] - rec["sts_zero_shot"])
     assert not list(runs_dir.glob("*.claim")) and not list(runs_dir.glob(".*.tmp"))
     mtimes = {p: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")}
-    quality.run_sweep([method], ["sst2"], ["encoder"], [0], max_runs=0, **kwargs)
+    run_sweep([method], ["sst2"], ["encoder"], [0], max_runs=0, **kwargs)
     assert {p: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")} == mtimes
 
 
 def test_quality_profile_cli_renders_finished_runs(tmp_path):
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()
-    fp = quality.method_table(quality.TARGET_SETS["encoder"])["lora"].fingerprint
+    fp = method_table(TARGET_SETS["encoder"])["lora"].fingerprint
     for seed in (0, 1, 2):
         for lr, score in ((3e-4, 0.7), (1e-3, 0.8), (3e-3, 0.75)):
             rec = record("lora", "sst2", lr, seed, score + 0.01 * seed, fingerprint=fp)
-            key = quality.RunKey("encoder", "sst2", "lora", fp, lr, seed)
-            quality.write_atomic(runs_dir / key.file_name, rec)
+            key = RunKey("encoder", "sst2", "lora", fp, lr, seed)
+            write_json_atomic(runs_dir / key.file_name, rec)
     data = tmp_path / "data"
     _tiny_data(data)
     out = subprocess.run(

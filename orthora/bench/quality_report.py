@@ -1,0 +1,341 @@
+"""The quality sweep's summary and its rendering: per-method tables, the head-rate comparison and the plots.
+
+`summarize` turns finished runs into per-task means over seeds at the LR chosen on seed 0, with the sanity floor,
+the GLUE mean, forgetting and paired differences against LoRA; `quality_markdown`, `head_rate_markdown`,
+`learn_forget_plot` and `tradeoff_plot` render it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from .quality_methods import QualityMethod
+from .quality_plan import best_lr, lr_is_interior
+from .quality_runs import GLUE_TASKS, TARGET_SETS, TASK_METRICS
+from .report import fmt
+
+#: a run must beat the task's trivial baseline (majority class / constant prediction) by this much to count
+SANITY_MARGIN = 0.02
+
+
+def runs_of(
+    runs: Iterable[dict[str, Any]], methods: dict[str, Sequence[QualityMethod]], tasks: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The runs of ``methods`` (per target set) on ``tasks``, each labelled with the name asked for.
+
+    A run belongs to the method whose resolved config it trained: the shipped default and a variant with the same
+    config are one method, shown under the first of their names in ``methods``.
+    """
+    names: dict[tuple[str, str], str] = {}
+    for target_set, listed in methods.items():
+        for method in listed:
+            names.setdefault((target_set, method.fingerprint), method.name)
+    return [
+        {**r, "method": names[(r["target_set"], r.get("fingerprint"))]}
+        for r in runs
+        if r["task"] in tasks and (r["target_set"], r.get("fingerprint")) in names
+    ]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(
+    runs: Sequence[dict[str, Any]], tasks: Sequence[str], trivial: dict[str, float], reference: str = "lora"
+) -> dict[str, dict[str, Any]]:
+    """Per target set and method: per-task mean ± std over seeds at the LR chosen on seed 0, failed settings
+    (not clearly above the trivial baseline), the GLUE mean over seeds, forgetting, and paired differences
+    against ``reference`` (same seeds, same data order)."""
+    cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        cells[(r["target_set"], r["method"], r["task"])].append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for target_set, method in sorted({(t, m) for t, m, _ in cells}):
+        per_task: dict[str, Any] = {}
+        for task in tasks:
+            runs_here = cells.get((target_set, method, task), [])
+            lr = best_lr(runs_here)
+            if lr is None:
+                continue
+            chosen = [r for r in runs_here if r["lr"] == lr and r.get("score") is not None]
+            chosen.sort(key=lambda r: r["seed"])
+            scores = [r["score"] for r in chosen]
+            mean, std = _mean_std(scores)
+            failed = mean is None or mean < trivial.get(task, 0.0) + SANITY_MARGIN
+            per_task[task] = {
+                "lr": lr,
+                "lr_interior": lr_is_interior(runs_here),
+                "seeds": [r["seed"] for r in chosen],
+                "scores": scores,
+                "mean": mean,
+                "std": std,
+                "metrics": {
+                    k: statistics.mean(r["metrics"][k] for r in chosen if k in r["metrics"])
+                    for k in TASK_METRICS[task]
+                    if any(k in r["metrics"] for r in chosen)
+                },
+                "forgetting": _mean_std([r["forgetting"] for r in chosen if r.get("forgetting") is not None]),
+                "trainable_params": chosen[0].get("trainable_params") if chosen else None,
+                "train_time_s": statistics.median(r["train_time_s"] for r in chosen) if chosen else None,
+                "failed": failed,
+            }
+        glue = [t for t in tasks if t in GLUE_TASKS and t in per_task]
+        complete_seeds = sorted(set.intersection(*(set(per_task[t]["seeds"]) for t in glue))) if glue else []
+        per_seed = [
+            statistics.mean(per_task[t]["scores"][per_task[t]["seeds"].index(s)] for t in glue)
+            for s in complete_seeds
+        ]
+        forgetting = [f for t in glue for f in [per_task[t]["forgetting"][0]] if f is not None]
+        out.setdefault(target_set, {})[method] = {
+            "tasks": per_task,
+            "glue_tasks": glue,
+            "glue_complete": len(glue) == len([t for t in tasks if t in GLUE_TASKS]),
+            "glue_failed": [t for t in glue if per_task[t]["failed"]],
+            "glue_mean_per_seed": dict(zip(complete_seeds, per_seed, strict=True)),
+            "glue_mean": _mean_std(per_seed)
+            if not any(per_task[t]["failed"] for t in glue)
+            else (None, None),
+            "forgetting_mean": statistics.mean(forgetting) if forgetting else None,
+        }
+    for methods in out.values():
+        # the tasks every method of this target set passed: the only fair ground for one ranking across methods
+        shared = [
+            t
+            for t in tasks
+            if t in GLUE_TASKS
+            and all(t in m["tasks"] and not m["tasks"][t]["failed"] for m in methods.values())
+        ]
+        for summary in methods.values():
+            summary["shared_tasks"] = shared
+            summary["shared_mean"] = (
+                statistics.mean(summary["tasks"][t]["mean"] for t in shared) if shared else None
+            )
+            forgot = [summary["tasks"][t]["forgetting"][0] for t in shared]
+            summary["shared_forgetting"] = statistics.mean(forgot) if forgot and None not in forgot else None
+        if reference in methods:
+            for summary in methods.values():
+                summary["paired_vs_" + reference] = paired_differences(summary, methods[reference], tasks)
+    return out
+
+
+def paired_differences(a: dict[str, Any], b: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """Per task, ``a - b`` on the seeds both ran (same seed = same data order and head initialisation): the mean
+    difference, its standard deviation, and a paired t-test's p-value when there are at least 3 pairs."""
+    from scipy.stats import ttest_rel
+
+    result = {}
+    for task in tasks:
+        ta, tb = a["tasks"].get(task), b["tasks"].get(task)
+        if not ta or not tb:
+            continue
+        common = sorted(set(ta["seeds"]) & set(tb["seeds"]))
+        if not common:
+            continue
+        xa = [ta["scores"][ta["seeds"].index(s)] for s in common]
+        xb = [tb["scores"][tb["seeds"].index(s)] for s in common]
+        diffs = [x - y for x, y in zip(xa, xb, strict=True)]
+        mean, std = _mean_std(diffs)
+        p = float(ttest_rel(xa, xb).pvalue) if len(common) >= 3 and std and std > 0 else None
+        result[task] = {"n": len(common), "mean": mean, "std": std, "p": p}
+    return result
+
+
+def _pm(mean: Optional[float], std: Optional[float], scale: float = 100.0, digits: int = 1) -> str:
+    if mean is None:
+        return "–"
+    if std is None:
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def quality_markdown(
+    summary: dict[str, dict[str, Any]], tasks: Sequence[str], trivial: dict[str, float]
+) -> str:
+    """One table per target set: scores ×100 as mean ± std over seeds (LR chosen on seed 0; † = LR at the grid's
+    edge; ✗ = not clearly above the trivial baseline), GLUE mean, zero-shot STS-B forgetting, params."""
+    lines = []
+    for target_set, methods in summary.items():
+        lines += [
+            f"#### Targets `{target_set}`: {', '.join(TARGET_SETS.get(target_set, []))}",
+            "",
+            "| method | trainable params (with head) | "
+            + " | ".join(f"{t} ({'/'.join(TASK_METRICS[t])})" for t in tasks)
+            + " | GLUE mean | mean over tasks all passed | STS-B forgetting, same tasks |",
+            "|" + "---|" * (len(tasks) + 5),
+            "| trivial baseline | 0 | "
+            + " | ".join(f"{trivial.get(t, 0.0) * 100:.1f}" for t in tasks)
+            + f" | {statistics.mean(trivial.get(t, 0.0) for t in tasks if t in GLUE_TASKS) * 100:.1f} | | 0 |",
+        ]
+        for method, s in methods.items():
+            cells, params = [], None
+            for t in tasks:
+                d = s["tasks"].get(t)
+                if not d:
+                    cells.append("–")
+                    continue
+                params = params or d["trainable_params"]
+                mark = ("" if d["lr_interior"] else " †") + (" ✗" if d["failed"] else "")
+                spread = d["std"] if len(d["scores"]) > 1 else None
+                forgot = fmt(d["forgetting"][0], ".1f")
+                cells.append(
+                    f"{_pm(d['mean'], spread)} (forgot {forgot}; lr {d['lr']:g}, n={len(d['scores'])}){mark}"
+                )
+            gm, gs = s["glue_mean"]
+            if s["glue_failed"]:
+                glue = "failed: " + ", ".join(s["glue_failed"])
+            else:
+                glue = (
+                    _pm(gm, gs if len(s["glue_mean_per_seed"]) > 1 else None)
+                    if s["glue_complete"]
+                    else "incomplete"
+                )
+            shared = _pm(s["shared_mean"], None) if s["shared_mean"] is not None else "–"
+            forget = fmt(s["shared_forgetting"], ".1f")
+            lines.append(
+                f"| {method} | {'–' if params is None else format(params, ',')} | "
+                + " | ".join(cells)
+                + f" | {glue} | {shared} | {forget} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def head_rate_markdown(runs: Sequence[dict[str, Any]], head_lr: float) -> str:
+    """Pairs of runs that differ only in the head's learning rate (its adapter LR vs ``head_lr``), same seed:
+    how much of a method's task score and forgetting is the head's rate rather than the method."""
+    by_key = {
+        (
+            r["target_set"],
+            r["task"],
+            r["method"],
+            r.get("fingerprint"),
+            r["lr"],
+            r["seed"],
+            r.get("head_lr"),
+        ): r
+        for r in runs
+        if r.get("score") is not None
+    }
+    rows = []
+    for (target_set, task, method, fp, lr, seed, head), fast in sorted(by_key.items(), key=str):
+        if head != head_lr:
+            continue
+        same = by_key.get((target_set, task, method, fp, lr, seed, None))
+        if same is None:
+            continue
+        rows.append(
+            f"| {task} | {method} | {lr:g} | {seed} | {same['score'] * 100:.1f} / {same['forgetting']:.1f} | "
+            f"{fast['score'] * 100:.1f} / {fast['forgetting']:.1f} |"
+        )
+    if not rows:
+        return ""
+    return "\n".join(
+        [
+            f"#### The head's learning rate: at the adapter's LR vs at {head_lr:g} (score x100 / STS-B points forgotten)",
+            "",
+            f"| task | method | adapter LR | seed | head at the adapter's LR | head at {head_lr:g} |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+
+
+def learn_forget_plot(summary: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Learned (mean score over the tasks every method passed) against forgotten (zero-shot STS-B drop on those same
+    tasks), one point per method and a panel per target set, so every point is measured on the same tasks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(7 * len(summary), 4.8), squeeze=False)
+    for ax, (target_set, methods) in zip(axes[0], summary.items(), strict=True):
+        shared = next(iter(methods.values()))["shared_tasks"] if methods else []
+        for method, s in methods.items():
+            if s["shared_mean"] is None or s["shared_forgetting"] is None:
+                continue
+            ax.plot(s["shared_forgetting"], s["shared_mean"] * 100, "o", markersize=8, label=method)
+        ax.set_xlabel("zero-shot STS-B drop, points (lower = forgot less)")
+        ax.set_ylabel("mean task score x100 (higher = learned more)")
+        ax.set_title(f"targets {target_set}; tasks: {', '.join(shared) or 'none shared'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def tradeoff_plot(runs: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path) -> Path:
+    """Score against forgetting for every learning rate tried on seed 0, one line per method and a panel per task.
+
+    A method's point at its best LR says little on its own, because a lower LR forgets less and learns less for
+    every method; the curves show the whole trade-off, so methods are compared at equal forgetting or equal score.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in tasks if any(r["task"] == t for r in runs)]
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=False):
+        by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in runs:
+            if (
+                r["task"] == task
+                and r["seed"] == 0
+                and r.get("score") is not None
+                and r.get("forgetting") is not None
+            ):
+                by_method[r["method"]].append(r)
+        for method, points in sorted(by_method.items()):
+            points.sort(key=lambda r: r["lr"])
+            line = ax.plot(
+                [r["forgetting"] for r in points], [r["score"] * 100 for r in points], "o-", label=method
+            )
+            for r in points:
+                ax.annotate(
+                    f"{r['lr']:g}", (r["forgetting"], r["score"] * 100), fontsize=6, color=line[0].get_color()
+                )
+        scores = [r["score"] * 100 for points in by_method.values() for r in points]
+        if (
+            scores
+        ):  # a diverged run would squash the curves that matter: keep 10 points below the best in view
+            floor = max(min(scores), max(scores) - 10)
+            ax.set_ylim(floor - 0.5, max(scores) + 1)
+            below = [
+                f"{m} lr {r['lr']:g}: {r['score'] * 100:.1f}"
+                for m, points in sorted(by_method.items())
+                for r in points
+                if r["score"] * 100 < floor - 0.5
+            ]
+            if below:
+                ax.text(
+                    0.02,
+                    0.98,
+                    "below the panel: " + "; ".join(below),
+                    transform=ax.transAxes,
+                    fontsize=6,
+                    va="top",
+                )
+        ax.set_title(task)
+        ax.set_xlabel("zero-shot STS-B drop, points")
+        ax.set_ylabel("score x100 (seed 0)")
+        ax.grid(alpha=0.3)
+    if tasks:
+        axes[0][0].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
