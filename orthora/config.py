@@ -27,7 +27,7 @@ FORMAT_VERSION = 2
 
 #: Defaults that changed, as the files of each older format version had them. PEFT writes every field, so a field
 #: is missing from a saved config only when the file predates the field, i.e. it was trained with the behaviour of
-#: that field's old default: such a file loads with the old value, not today's default.
+#: that field's old default: such a file loads with the old value, not today's default (`OrthoConfig.check_kwargs`).
 FORMER_DEFAULTS: dict[int, dict[str, Any]] = {1: {"generator_scale": 1.0}}
 
 
@@ -40,17 +40,6 @@ class _DefaultBlockSize(int):
 
 
 DEFAULT_BLOCK_SIZE = _DefaultBlockSize(32)
-
-
-class _DefaultScale(str):
-    """The default generator scale, distinguishable (by identity) from a value the user typed or a file held.
-
-    A config loaded from an older format without the field resolves it to that format's default
-    (`FORMER_DEFAULTS`); everything else gets ``"auto"``. It serialises as a plain string.
-    """
-
-
-DEFAULT_GENERATOR_SCALE = _DefaultScale("auto")
 
 
 @dataclass
@@ -112,7 +101,7 @@ class OrthoConfig(PeftConfig):
         },
     )
     generator_scale: Union[float, str] = field(
-        default=DEFAULT_GENERATOR_SCALE,
+        default="auto",
         metadata={
             "help": "Factor on each block's skew generator (for Householder: on its initial vectors' inverse), which "
             "under Adam is a learning-rate multiplier for the rotations alone. 'auto' = the parametrization's "
@@ -174,7 +163,6 @@ class OrthoConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ORTHORA_PEFT_TYPE
-        self._resolve_former_defaults()
         self._resolve_block_shape()
         if self.side not in SIDES:
             raise ValueError(f"OrthoConfig: unknown side={self.side!r}; valid values are {', '.join(SIDES)}.")
@@ -242,11 +230,6 @@ class OrthoConfig(PeftConfig):
                 "OrthoConfig: layers_to_transform cannot be used when target_modules is a regex string."
             )
 
-    def _resolve_former_defaults(self) -> None:
-        former = FORMER_DEFAULTS.get(self.format_version, {}) if isinstance(self.format_version, int) else {}
-        if self.generator_scale is DEFAULT_GENERATOR_SCALE:
-            self.generator_scale = former.get("generator_scale", "auto")  # a plain value from here on
-
     def _resolve_block_shape(self) -> None:
         block_size_is_default = self.block_size is DEFAULT_BLOCK_SIZE
         if self.num_blocks is not None and block_size_is_default:
@@ -267,6 +250,15 @@ class OrthoConfig(PeftConfig):
                 raise ValueError(f"OrthoConfig: {name} must be a positive integer, got {value!r}.")
         if self.block_size is not None:
             self.block_size = int(self.block_size)  # drop the default marker so it serialises as a plain int
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """PEFT's hook for a config read from a file: a field the file lacks gets its format's former default.
+
+        A file without ``format_version`` is of format 1, the first.
+        """
+        former = FORMER_DEFAULTS.get(kwargs.get("format_version", 1), {})
+        return super().check_kwargs(**{**former, **kwargs})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
