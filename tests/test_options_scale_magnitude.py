@@ -117,7 +117,8 @@ def test_an_adapter_saved_before_a_default_changed_loads_as_it_was_trained(tmp_p
         orthora.OrthoConfig().generator_scale == "auto" and type(orthora.OrthoConfig().generator_scale) is str
     )
     assert orthora.OrthoConfig.check_kwargs(format_version=1)["generator_scale"] == 1.0
-    assert orthora.OrthoConfig.check_kwargs(generator_scale=0.5)["generator_scale"] == 0.5  # what a file holds wins
+    # what a file holds wins
+    assert orthora.OrthoConfig.check_kwargs(generator_scale=0.5)["generator_scale"] == 0.5
     assert orthora.OrthoConfig.check_kwargs()["generator_scale"] == 1.0  # no format_version: the first format
 
 
