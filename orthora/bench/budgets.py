@@ -43,7 +43,7 @@ METHOD_SETS = {
     "smoke": ["lora", "orthora-cayley-output", "oft-cayley"],
     "peers": ["lora", "orthora-cayley-output", "orthora-householder-output", "hra", "boft"],
     "pair": ["lora", "orthora-cayley-output"],
-    "sides": ["lora", "orthora-cayley-output", "orthora-cayley-input", "orthora-cayley-both"],
+    "sides": ["lora", "orthora-cayley-output", "orthora-cayley-input", "orthora-cayley-both", "orthora"],
     "llm": [
         "lora",
         *(f"orthora-{p}-{side}" for p in EXACT for side in ("output", "input")),
@@ -186,6 +186,7 @@ def matched_methods(widths: Widths, block_size: int, which: str = "all") -> list
         "lora": MethodSpec(
             f"lora-r{lora_r}", "lora", dict(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0)
         ),
+        "orthora": MethodSpec("orthora", "orthora", {}),  # the default OrthoConfig() as shipped, whatever b is
         "orthora-cayley-output": ortho("cayley"),
         "orthora-cayley_neumann-output": ortho("cayley_neumann"),
         "orthora-exp-output": ortho("exp"),
