@@ -28,18 +28,22 @@ FORMAT_VERSION = 2
 #: Defaults that changed, as the files of each older format version had them. PEFT writes every field, so a field
 #: is missing from a saved config only when the file predates the field, i.e. it was trained with the behaviour of
 #: that field's old default: such a file loads with the old value, not today's default (`OrthoConfig.check_kwargs`).
-FORMER_DEFAULTS: dict[int, dict[str, Any]] = {1: {"generator_scale": 1.0}}
+FORMER_DEFAULTS: dict[int, dict[str, Any]] = {1: {"generator_scale": 1.0, "magnitude": False}}
 
 
 class _DefaultBlockSize(int):
     """The default block size, distinguishable (by identity) from a block size the user typed.
 
     It lets ``OrthoConfig(num_blocks=4)`` mean "4 blocks" while ``OrthoConfig(block_size=32, num_blocks=4)``
-    is rejected as ambiguous. It serialises as a plain integer.
+    is rejected as ambiguous, and lets the default depend on the side. It serialises as a plain integer.
     """
 
 
 DEFAULT_BLOCK_SIZE = _DefaultBlockSize(32)
+
+#: The block size when ``block_size`` is left at its default: LoRA r = 8's parameter budget on a square layer,
+#: (b - 1)/2 generator entries per feature and side, so half the block when both sides rotate.
+DEFAULT_BLOCK_SIZE_BY_SIDE = {"output": 32, "input": 32, "both": 16}
 
 
 @dataclass
@@ -48,24 +52,31 @@ class OrthoConfig(PeftConfig):
 
     For a targeted layer ``f(x) = W x + b``:
 
-    * ``side="output"`` (default): ``y = R f(x)``, merged as ``W' = R W``, ``b' = R b``;
+    * ``side="output"``: ``y = R f(x)``, merged as ``W' = R W``, ``b' = R b`` (the form the method was first
+      described with);
     * ``side="input"`` (the OFT form): ``y = W (R x) + b``, merged as ``W' = W R``;
-    * ``side="both"``: ``y = R_out W R_in x + R_out b``.
+    * ``side="both"`` (default): ``y = R_out W R_in x + R_out b``.
+
+    With the default ``magnitude=True`` a learned per-output-feature scale follows: ``y = s * (...)``, merged into
+    the weights too. The defaults (both sides, block 16, magnitude, ``generator_scale="auto"``) are the form the
+    quality benchmark favoured (docs/benchmarks.md); ``magnitude=False`` keeps a pure rotation.
 
     ``R`` is block diagonal with blocks of ``block_size`` (or ``num_blocks`` blocks); every block is orthogonal by
     construction through ``parametrization`` and is exactly the identity at initialisation.
     """
 
     side: Literal["output", "input", "both"] = field(
-        default="output",
+        default="both",
         metadata={
-            "help": "Which representation to rotate: 'output' (y = R f(x)), 'input' (f(R x)) or 'both'."
+            "help": "Which representation to rotate: 'output' (y = R f(x)), 'input' (f(R x)) or 'both' "
+            "(y = R_out W R_in x + R_out b)."
         },
     )
     block_size: Optional[int] = field(
         default=DEFAULT_BLOCK_SIZE,
         metadata={
-            "help": "Size b of each orthogonal block (must divide the rotated width). Exclusive with num_blocks."
+            "help": "Size b of each orthogonal block (must divide the rotated width). Exclusive with num_blocks. "
+            "Default: 16 with side='both', 32 with one side (LoRA r=8's parameter budget either way)."
         },
     )
     num_blocks: Optional[int] = field(
@@ -111,11 +122,11 @@ class OrthoConfig(PeftConfig):
         },
     )
     magnitude: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Also learn a per-output-feature scale s, y = s * (R_out f(R_in x)), initialised to 1 and merged "
             "into the weights like the rotation. The adapter is then no longer norm-preserving (d_out extra "
-            "parameters per layer)."
+            "parameters per layer). False = a pure rotation."
         },
     )
     module_dropout: float = field(
@@ -234,6 +245,8 @@ class OrthoConfig(PeftConfig):
         block_size_is_default = self.block_size is DEFAULT_BLOCK_SIZE
         if self.num_blocks is not None and block_size_is_default:
             self.block_size = None
+        elif block_size_is_default:
+            self.block_size = DEFAULT_BLOCK_SIZE_BY_SIDE.get(self.side, DEFAULT_BLOCK_SIZE)
         if self.block_size is not None and self.num_blocks is not None:
             raise ValueError(
                 f"OrthoConfig: set exactly one of block_size and num_blocks, got block_size={self.block_size} and "

@@ -344,3 +344,15 @@ def test_forgetting_scores_the_adapted_encoder_not_the_base(tiny_train_models):
         assert torch.allclose(
             before, mean_pooled_embeddings(encoder_of(adapted), tokenizer, sentences), atol=1e-5
         )
+
+
+def test_lr_grids_of_auto_scaled_rotations_start_one_ladder_step_higher():
+    """With generator_scale="auto" (the default) a rotation turns ~10x less per unit of LR, so its search starts
+    higher, whether "auto" is written in the variant or comes from the default config."""
+    targets = TARGET_SETS["encoder"]
+    raw, scaled = (3e-4, 1e-3, 3e-3), (1e-3, 3e-3, 1e-2)
+    assert resolve_method("lora", targets).start_lrs == raw
+    assert resolve_method("orthora", targets).start_lrs == scaled  # the default's "auto", not written anywhere
+    assert resolve_method("orthora-half", targets).start_lrs == scaled
+    assert resolve_method("orthora[side=input,generator_scale=auto]", targets).start_lrs == scaled
+    assert resolve_method("orthora[generator_scale=1.0]", targets).start_lrs == raw

@@ -10,7 +10,7 @@ from tiny_models import batch_for, tiny_bert
 from torch import nn
 
 from orthora import OrthoConfig
-from orthora.config import DEFAULT_BLOCK_SIZE, FORMAT_VERSION
+from orthora.config import DEFAULT_BLOCK_SIZE_BY_SIDE, FORMAT_VERSION
 from orthora.layer import OrthoLayer
 
 
@@ -82,8 +82,12 @@ def test_block_size_and_num_blocks_both_or_neither():
     with pytest.raises(ValueError, match="set exactly one of block_size and num_blocks; both are None"):
         OrthoConfig(block_size=None, num_blocks=None)
     assert OrthoConfig(num_blocks=4).block_size is None
-    default = OrthoConfig().block_size  # the default block size, as a plain int (it serialises as one)
-    assert default == DEFAULT_BLOCK_SIZE and type(default) is int
+    # the default block size follows the side (LoRA r=8's budget), as a plain int (it serialises as one)
+    for side, expected in DEFAULT_BLOCK_SIZE_BY_SIDE.items():
+        default = OrthoConfig(side=side).block_size
+        assert default == expected and type(default) is int
+    assert OrthoConfig(side="both", block_size=32).block_size == 32  # a typed size is kept
+    assert OrthoConfig().block_size == DEFAULT_BLOCK_SIZE_BY_SIDE[OrthoConfig().side]
 
 
 @pytest.mark.parametrize(

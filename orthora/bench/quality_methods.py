@@ -106,7 +106,7 @@ def method_table(targets: Sequence[str]) -> dict[str, QualityMethod]:
             "orthora-half", MethodSpec("orthora-half", "orthora", {"block_size": default_block // 2}), "half"
         ),
     ]
-    return {m.name: m for m in table if m is not None}
+    return {m.name: dataclasses.replace(m, start_lrs=start_lrs(m.spec)) for m in table if m is not None}
 
 
 def _peers(specs: Sequence[MethodSpec]) -> dict[str, MethodSpec]:
@@ -134,12 +134,16 @@ def resolve_method(name: str, targets: Sequence[str]) -> QualityMethod:
     if not extra:
         return method
     spec = MethodSpec(name, method.spec.kind, {**method.spec.kwargs, **extra})
-    start = method.start_lrs
-    if (
-        spec.kwargs.get("generator_scale") == "auto"
-    ):  # rotations learn ~10x slower per unit of LR: start higher
-        start = tuple(lr * 10 / 3 for lr in start)
-    return QualityMethod(name, spec, method.tier, tuple(float(f"{lr:.0e}") for lr in start))
+    return QualityMethod(name, spec, method.tier, start_lrs(spec))
+
+
+def start_lrs(spec: MethodSpec) -> tuple[float, ...]:
+    """Where a method's LR grid starts: one ladder step higher for rotations with ``generator_scale="auto"`` (the
+    default), which turn ~10x less per unit of learning rate than a raw generator."""
+    config = build_adapter_config(spec.kind, dict(spec.kwargs), task_type=None)
+    if getattr(config, "generator_scale", None) == "auto":
+        return tuple(float(f"{lr * 10 / 3:.0e}") for lr in DEFAULT_START_LRS)
+    return DEFAULT_START_LRS
 
 
 def minilm_widths(targets: Sequence[str]) -> list[tuple[int, int]]:

@@ -42,7 +42,7 @@ def quickstart_config(
     **overrides: Any,
 ) -> TrainConfig:
     """The quickstart run as a `TrainConfig` (SST-2 recipe on the shipped sentiment files)."""
-    adapter = {"block_size": 32, "target_modules": ["query", "value"]} if method == "orthora" else {}
+    adapter = {"target_modules": ["query", "value"]} if method == "orthora" else {}
     values: dict[str, Any] = dict(
         task="glue",
         task_name="sst2",
