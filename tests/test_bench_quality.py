@@ -352,7 +352,8 @@ def test_lr_grids_of_auto_scaled_rotations_start_one_ladder_step_higher():
     targets = TARGET_SETS["encoder"]
     raw, scaled = (3e-4, 1e-3, 3e-3), (1e-3, 3e-3, 1e-2)
     assert resolve_method("lora", targets).start_lrs == raw
-    assert resolve_method("orthora", targets).start_lrs == scaled  # the default's "auto", not written anywhere
+    # the default's "auto", written nowhere in its spec
+    assert resolve_method("orthora", targets).start_lrs == scaled
     assert resolve_method("orthora-half", targets).start_lrs == scaled
     assert resolve_method("orthora[side=input,generator_scale=auto]", targets).start_lrs == scaled
     assert resolve_method("orthora[generator_scale=1.0]", targets).start_lrs == raw

@@ -226,3 +226,16 @@ def test_cpu_worker_measures_rss_not_cuda():
     worker.steps(1)
     assert worker.peak_memory()["mem_kind"] in ("rss_hwm_growth", "unavailable")
     assert torch.isfinite(worker.loss(worker.model))
+
+
+def test_targets_check_reads_exactness_from_the_resolved_config():
+    """The default row names no parametrization; it is exact Cayley and must be judged against the targets."""
+    row = dict(kind="orthora", step_vs_lora=0.98, mem_vs_lora=0.97, infer_merged_ratio=1.01)
+    default, approximate = report.targets_check(
+        [
+            {**row, "method": "orthora", "config": {}},
+            {**row, "method": "neumann", "config": {"parametrization": "cayley_neumann"}},
+        ]
+    )
+    assert default.startswith("- orthora: step 0.98× LoRA (met")
+    assert approximate.startswith("- neumann (approximate, not a target row)")

@@ -186,7 +186,8 @@ def matched_methods(widths: Widths, block_size: int, which: str = "all") -> list
         "lora": MethodSpec(
             f"lora-r{lora_r}", "lora", dict(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0)
         ),
-        "orthora": MethodSpec("orthora", "orthora", {}),  # the default OrthoConfig() as shipped, whatever b is
+        # the default OrthoConfig() as shipped, whatever b is
+        "orthora": MethodSpec("orthora", "orthora", {}),
         "orthora-cayley-output": ortho("cayley"),
         "orthora-cayley_neumann-output": ortho("cayley_neumann"),
         "orthora-exp-output": ortho("exp"),

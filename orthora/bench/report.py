@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .budgets import EXACT
+from orthora.config import OrthoConfig
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -119,7 +119,7 @@ def targets_check(rows: list[dict], targets: dict | None = None) -> list[str]:
     for r in rows:
         if r["kind"] != "orthora" or "error" in r:
             continue
-        exact = r["config"].get("parametrization") in EXACT
+        exact = OrthoConfig(**r["config"]).is_exact  # the row's config resolved: a default row names no map
         step, mem, inf = r.get("step_vs_lora"), r.get("mem_vs_lora"), r.get("infer_merged_ratio")
         parts = [
             f"step {fmt(step, '.2f')}× LoRA ({_met(step, t['step'])})",
