@@ -128,9 +128,13 @@ export -f pip python
 """
 
 
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
 def check_extras(names: str) -> None:
     """``pip install -e ".[a,b]"`` in a page: every named extra must exist."""
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = _pyproject()["project"]["optional-dependencies"]
     missing = [name for name in names.split(",") if name.strip() not in extras]
     if missing:
         raise SystemExit(f"pyproject.toml has no extra {missing}; extras: {', '.join(extras)}")
@@ -145,7 +149,7 @@ def check_pytest(argv: list[str]) -> None:
 
     Collecting would also catch this, but it imports the whole suite for every command (tens of seconds each).
     """
-    pytest_options = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    pytest_options = _pyproject()["tool"]["pytest"]["ini_options"]
     registered = {line.split(":")[0].strip() for line in pytest_options["markers"]}
     problems, args = [], iter(argv)
     for arg in args:
