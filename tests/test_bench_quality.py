@@ -195,6 +195,19 @@ def test_summary_means_stds_failed_settings_and_paired_differences():
     )
 
 
+def test_a_squad_only_table_renders_and_shows_em_and_f1():
+    """A sweep of SQuAD alone has no GLUE task to average (the trivial row's GLUE mean crashed on it), and its cell
+    names EM and F1, because the targets are stated in F1 while the score is their mean."""
+    runs = []
+    for lr, (em, f1) in ((1e-3, (20.0, 30.0)), (3e-3, (30.0, 40.0)), (1e-2, (25.0, 35.0))):
+        rec = record("orthora", "squad", lr, 0, (em + f1) / 200)
+        runs.append({**rec, "metrics": {"exact_match": em, "f1": f1}})
+    summary = summarize(runs, ["squad"], {"squad": 0.0})
+    table = quality_markdown(summary, ["squad"], {"squad": 0.0})
+    assert "| trivial baseline | 0 | 0.0 | – | | 0 |" in table
+    assert "| orthora | 100 | 35.0 [exact_match 30.0, f1 40.0] (forgot 10.0; lr 0.003, n=1) |" in table
+
+
 def test_trivial_baseline_is_the_best_constant_prediction(tmp_path):
     (tmp_path / "glue" / "mrpc").mkdir(parents=True)
     rows = [{"sentence1": "a", "sentence2": "b", "label": int(i < 7), "idx": i} for i in range(10)]

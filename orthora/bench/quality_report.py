@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .quality_methods import QualityMethod
 from .quality_plan import best_lr, lr_is_interior
-from .quality_runs import GLUE_TASKS, TARGET_SETS, TASK_METRICS
+from .quality_runs import GLUE_TASKS, QA_TASKS, TARGET_SETS, TASK_METRICS
 from .report import fmt
 
 #: a run must beat the task's trivial baseline (majority class / constant prediction) by this much to count
@@ -155,12 +155,21 @@ def _pm(mean: Optional[float], std: Optional[float], scale: float = 100.0, digit
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
+def _parts(task: str, metrics: dict[str, float]) -> str:
+    """SQuAD's score is the mean of EM and F1 (percentages); its cell also shows each, since targets name F1."""
+    if task not in QA_TASKS:
+        return ""
+    return " [" + ", ".join(f"{name} {value:.1f}" for name, value in metrics.items()) + "]"
+
+
 def quality_markdown(
     summary: dict[str, dict[str, Any]], tasks: Sequence[str], trivial: dict[str, float]
 ) -> str:
     """One table per target set: scores ×100 as mean ± std over seeds (LR chosen on seed 0; † = LR at the grid's
     edge; ✗ = not clearly above the trivial baseline), GLUE mean, zero-shot STS-B forgetting, params."""
     lines = []
+    glue_tasks = [t for t in tasks if t in GLUE_TASKS]
+    trivial_glue = statistics.mean(trivial.get(t, 0.0) for t in glue_tasks) if glue_tasks else None
     for target_set, methods in summary.items():
         lines += [
             f"#### Targets `{target_set}`: {', '.join(TARGET_SETS.get(target_set, []))}",
@@ -171,7 +180,7 @@ def quality_markdown(
             "|" + "---|" * (len(tasks) + 5),
             "| trivial baseline | 0 | "
             + " | ".join(f"{trivial.get(t, 0.0) * 100:.1f}" for t in tasks)
-            + f" | {statistics.mean(trivial.get(t, 0.0) for t in tasks if t in GLUE_TASKS) * 100:.1f} | | 0 |",
+            + f" | {_pm(trivial_glue, None)} | | 0 |",
         ]
         for method, s in methods.items():
             cells, params = [], None
@@ -185,7 +194,8 @@ def quality_markdown(
                 spread = d["std"] if len(d["scores"]) > 1 else None
                 forgot = fmt(d["forgetting"][0], ".1f")
                 cells.append(
-                    f"{_pm(d['mean'], spread)} (forgot {forgot}; lr {d['lr']:g}, n={len(d['scores'])}){mark}"
+                    f"{_pm(d['mean'], spread)}{_parts(t, d['metrics'])} (forgot {forgot}; lr {d['lr']:g}, "
+                    f"n={len(d['scores'])}){mark}"
                 )
             gm, gs = s["glue_mean"]
             if s["glue_failed"]:
