@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 from conftest import synthetic_rows, write_jsonl
@@ -283,6 +284,32 @@ def test_sweep_end_to_end_writes_one_record_per_run_with_forgetting(tmp_path, ti
     mtimes = {p: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")}
     run_sweep([method], ["sst2"], ["encoder"], [0], max_runs=0, **kwargs)
     assert {p: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")} == mtimes
+
+
+def test_a_worker_that_finds_every_pending_run_claimed_waits_or_returns(tmp_path):
+    """With wait=False a worker whose every pending run is held by a live worker returns at once, running nothing
+    (a driver then gives it another sweep); by default it polls for their results."""
+    lrs = (3e-4, 1e-3, 3e-3)
+    method = QualityMethod("m", MethodSpec("m", "lora", {"r": 8}), "matched", lrs)
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    keys = [RunKey("encoder", "sst2", "m", method.fingerprint, lr, 0) for lr in lrs]
+    for key in keys:  # a live worker holds every pending run
+        (runs_dir / key.claim_name).write_text(str(os.getpid()))
+    kwargs = dict(protocol=Protocol(), data_dir=tmp_path, runs_dir=runs_dir, poll_s=0.01)
+    with mock.patch("orthora.bench.quality_plan.time.sleep", side_effect=AssertionError("waited")):
+        assert run_sweep([method], ["sst2"], ["encoder"], [0], wait=False, **kwargs) == 0
+    polls = []
+
+    def others_finish(seconds):  # the search closes (best LR inside the grid) while this worker waits
+        polls.append(seconds)
+        for key, score in zip(keys, (0.7, 0.8, 0.75), strict=True):
+            rec = record("m", "sst2", key.lr, 0, score, fingerprint=method.fingerprint)
+            write_json_atomic(runs_dir / key.file_name, rec)
+
+    with mock.patch("orthora.bench.quality_plan.time.sleep", others_finish):
+        assert run_sweep([method], ["sst2"], ["encoder"], [0], **kwargs) == 0
+    assert polls == [0.01]
 
 
 def test_quality_profile_cli_renders_finished_runs(tmp_path):

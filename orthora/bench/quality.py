@@ -70,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-dir", default=str(default_data_dir()), help=f"default: ${DATA_DIR_ENV}")
     group.add_argument("--runs-dir", default=str(RUNS_DIR), help="one JSON per finished run")
     group.add_argument("--max-runs", type=int, default=None, help="stop this process after N runs")
+    group.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return when every pending run is claimed by another worker, instead of waiting for their results",
+    )
     group.add_argument("--render", action="store_true", help="only summarise the finished runs in --runs-dir")
     group.add_argument(
         "--plot",
@@ -136,6 +141,7 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
                 data_dir,
                 runs_dir,
                 max_runs=args.max_runs,
+                wait=not args.no_wait,
             )
     # these methods' runs on these tasks under any head rate (the head-rate table pairs them), then this protocol's
     every_head = runs_of(load_runs(runs_dir), methods, tasks)

@@ -159,9 +159,14 @@ def run_sweep(
     *,
     max_runs: Optional[int] = None,
     poll_s: float = 30.0,
+    wait: bool = True,
     log=print,
 ) -> int:
-    """Run pending settings until none is left (or ``max_runs``); return how many this process finished."""
+    """Run pending settings until none is left (or ``max_runs``); return how many this process finished.
+
+    When every pending setting is claimed by another worker, wait for their results (they may open new settings),
+    or with ``wait=False`` return, so a driver can give this worker another sweep meanwhile.
+    """
     runs_dir.mkdir(parents=True, exist_ok=True)
     finished = 0
     started = time.perf_counter()
@@ -197,5 +202,7 @@ def run_sweep(
             )
             break
         else:  # everything pending is being run by other workers; their results may open new settings
+            if not wait:
+                return finished
             time.sleep(poll_s)
     return finished
