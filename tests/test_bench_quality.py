@@ -22,7 +22,13 @@ from orthora.bench.quality_methods import (
     resolve_method,
 )
 from orthora.bench.quality_plan import Claim, lr_is_interior, next_lrs, pending, run_sweep
-from orthora.bench.quality_report import head_rate_markdown, quality_markdown, runs_of, summarize
+from orthora.bench.quality_report import (
+    head_rate_markdown,
+    paired_markdown,
+    quality_markdown,
+    runs_of,
+    summarize,
+)
 from orthora.bench.quality_runs import TARGET_SETS, TASK_METRICS, Protocol, RunKey, trivial_score
 from orthora.train.atomic_files import write_json_atomic
 
@@ -172,7 +178,10 @@ def test_head_rate_table_pairs_runs_that_differ_only_in_the_head_rate():
 def test_summary_means_stds_failed_settings_and_paired_differences():
     runs = []
     for seed, (a, b) in enumerate(((0.80, 0.78), (0.82, 0.79), (0.84, 0.81))):
-        runs += [record("orthora", "sst2", 1e-3, seed, a), record("lora", "sst2", 1e-3, seed, b)]
+        runs += [
+            record("orthora", "sst2", 1e-3, seed, a, forgetting=5.0 + seed),
+            record("lora", "sst2", 1e-3, seed, b),
+        ]
         runs += [record("orthora", "cola", 1e-3, seed, 0.30), record("lora", "cola", 1e-3, seed, 0.01)]
     runs.append(record("orthora", "sst2", 3e-3, 0, 0.50))  # a worse LR on seed 0: not chosen
     trivial = {"sst2": 0.51, "cola": 0.0}
@@ -187,13 +196,26 @@ def test_summary_means_stds_failed_settings_and_paired_differences():
     # only the tasks every method passed are ranked together
     assert summary["orthora"]["shared_tasks"] == ["sst2"]
     assert summary["orthora"]["shared_mean"] == pytest.approx(0.82)
-    paired = summary["orthora"]["paired_vs_lora"]["sst2"]
+    paired = summary["orthora"]["paired_score_vs_lora"]["sst2"]
     assert paired["n"] == 3 and paired["mean"] == pytest.approx(0.0267, abs=1e-4)
     assert paired["p"] is not None and paired["p"] < 0.05
     table = quality_markdown({"encoder": summary}, ["sst2", "cola"], trivial)
     assert (
-        "| lora |" in table and "failed: cola" in table and "82.0 ± 2.0 (forgot 10.0; lr 0.001, n=3)" in table
+        "| lora |" in table and "failed: cola" in table and "82.0 ± 2.0 (forgot 6.0; lr 0.001, n=3)" in table
     )
+    # the GLUE mean paired seed by seed: (0.55, 0.56, 0.57) - (0.395, 0.40, 0.41)
+    assert summary["orthora"]["paired_score_vs_lora"]["glue_mean"]["mean"] == pytest.approx(0.1583, abs=1e-4)
+    paired = paired_markdown({"encoder": summary}, ["sst2", "cola"])
+    assert "| pair | sst2 | cola | GLUE mean |" in paired
+    assert (
+        "| orthora − lora | +2.7 ± 0.6 (n=3, p=0.0" in paired
+        and "| +29.0 ± 0.0 (n=3) | +15.8 ± 0.3 (n=3, p=" in paired
+    )
+    assert "lora − orthora" not in paired and "| lora − lora" not in paired
+    # forgetting is paired the same way, in points: orthora forgot 5, 6, 7 on SST-2 where LoRA forgot 10
+    forgetting = paired_markdown({"encoder": summary}, ["sst2", "cola"], "forgetting")
+    assert "| orthora − lora | -4.0 ± 1.0 (n=3, p=0.0" in forgetting
+    assert "| +0.0 ± 0.0 (n=3) | -2.0 ± 0.5 (n=3, p=0.0" in forgetting
 
 
 def test_a_squad_only_table_renders_and_shows_em_and_f1():

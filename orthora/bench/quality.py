@@ -23,8 +23,10 @@ from orthora.train.data import DATA_DIR_ENV, default_data_dir
 from .quality_methods import resolve_method
 from .quality_plan import run_sweep
 from .quality_report import (
+    PAIRED_KINDS,
     head_rate_markdown,
     learn_forget_plot,
+    paired_markdown,
     quality_markdown,
     runs_of,
     summarize,
@@ -153,7 +155,12 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
         )
     trivial = {t: trivial_score(t, data_dir, args.eval_samples) for t in tasks}
     summary = summarize(runs, tasks, trivial)
-    markdown = quality_markdown(summary, tasks, trivial)
+    markdown = "\n".join(
+        [
+            quality_markdown(summary, tasks, trivial),
+            *(paired_markdown(summary, tasks, kind) for kind in PAIRED_KINDS),
+        ]
+    )
     if (
         protocol.head_learning_rate is not None
     ):  # the same settings with the head at each run's LR, where both ran

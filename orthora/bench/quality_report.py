@@ -47,12 +47,24 @@ def _mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+#: the peers every method is paired with, seed by seed (the issue's targets are stated against the better of them)
+PAIRED_REFERENCES = ("lora", "oft")
+#: what is paired: per kind, the per-task per-seed list, the per-seed GLUE aggregate, and the scale it is shown at
+PAIRED_KINDS = {
+    "score": ("scores", "glue_mean_per_seed", 100.0),
+    "forgetting": ("forgettings", "glue_forgetting_per_seed", 1.0),
+}
+
+
 def summarize(
-    runs: Sequence[dict[str, Any]], tasks: Sequence[str], trivial: dict[str, float], reference: str = "lora"
+    runs: Sequence[dict[str, Any]],
+    tasks: Sequence[str],
+    trivial: dict[str, float],
+    references: Sequence[str] = PAIRED_REFERENCES,
 ) -> dict[str, dict[str, Any]]:
     """Per target set and method: per-task mean ± std over seeds at the LR chosen on seed 0, failed settings
     (not clearly above the trivial baseline), the GLUE mean over seeds, forgetting, and paired differences
-    against ``reference`` (same seeds, same data order)."""
+    against each of ``references`` (same seeds, same data order)."""
     cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         cells[(r["target_set"], r["method"], r["task"])].append(r)
@@ -82,6 +94,7 @@ def summarize(
                     if any(k in r["metrics"] for r in chosen)
                 },
                 "forgetting": _mean_std([r["forgetting"] for r in chosen if r.get("forgetting") is not None]),
+                "forgettings": [r.get("forgetting") for r in chosen],  # per seed, as "scores"
                 "trainable_params": chosen[0].get("trainable_params") if chosen else None,
                 "train_time_s": statistics.median(r["train_time_s"] for r in chosen) if chosen else None,
                 "failed": failed,
@@ -93,12 +106,18 @@ def summarize(
             for s in complete_seeds
         ]
         forgetting = [f for t in glue for f in [per_task[t]["forgetting"][0]] if f is not None]
+        forgetting_per_seed = {}
+        for seed in complete_seeds:
+            values = [per_task[t]["forgettings"][per_task[t]["seeds"].index(seed)] for t in glue]
+            if None not in values:
+                forgetting_per_seed[seed] = statistics.mean(values)
         out.setdefault(target_set, {})[method] = {
             "tasks": per_task,
             "glue_tasks": glue,
             "glue_complete": len(glue) == len([t for t in tasks if t in GLUE_TASKS]),
             "glue_failed": [t for t in glue if per_task[t]["failed"]],
             "glue_mean_per_seed": dict(zip(complete_seeds, per_seed, strict=True)),
+            "glue_forgetting_per_seed": forgetting_per_seed,
             "glue_mean": _mean_std(per_seed)
             if not any(per_task[t]["failed"] for t in glue)
             else (None, None),
@@ -119,32 +138,95 @@ def summarize(
             )
             forgot = [summary["tasks"][t]["forgetting"][0] for t in shared]
             summary["shared_forgetting"] = statistics.mean(forgot) if forgot and None not in forgot else None
-        if reference in methods:
-            for summary in methods.values():
-                summary["paired_vs_" + reference] = paired_differences(summary, methods[reference], tasks)
+        for reference in references:
+            if reference not in methods:
+                continue
+            for name, summary in methods.items():
+                if name != reference:
+                    for kind in PAIRED_KINDS:
+                        summary[f"paired_{kind}_vs_{reference}"] = paired_differences(
+                            summary, methods[reference], tasks, kind
+                        )
     return out
 
 
-def paired_differences(a: dict[str, Any], b: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
-    """Per task, ``a - b`` on the seeds both ran (same seed = same data order and head initialisation): the mean
-    difference, its standard deviation, and a paired t-test's p-value when there are at least 3 pairs."""
-    from scipy.stats import ttest_rel
-
+def paired_differences(
+    a: dict[str, Any], b: dict[str, Any], tasks: Sequence[str], kind: str = "score"
+) -> dict[str, Any]:
+    """Per task, ``a - b`` of ``kind`` (score or forgetting) on the seeds both ran (same seed = same data order and
+    head initialisation): the mean difference, its standard deviation, and a paired t-test's p-value when there are
+    at least 3 pairs; under ``"glue_mean"`` the same for the per-seed mean over the GLUE tasks."""
+    per_task, per_seed, _ = PAIRED_KINDS[kind]
     result = {}
     for task in tasks:
         ta, tb = a["tasks"].get(task), b["tasks"].get(task)
         if not ta or not tb:
             continue
-        common = sorted(set(ta["seeds"]) & set(tb["seeds"]))
-        if not common:
-            continue
-        xa = [ta["scores"][ta["seeds"].index(s)] for s in common]
-        xb = [tb["scores"][tb["seeds"].index(s)] for s in common]
-        diffs = [x - y for x, y in zip(xa, xb, strict=True)]
-        mean, std = _mean_std(diffs)
-        p = float(ttest_rel(xa, xb).pvalue) if len(common) >= 3 and std and std > 0 else None
-        result[task] = {"n": len(common), "mean": mean, "std": std, "p": p}
+        xa = dict(zip(ta["seeds"], ta[per_task], strict=True))
+        xb = dict(zip(tb["seeds"], tb[per_task], strict=True))
+        common = sorted(s for s in set(xa) & set(xb) if xa[s] is not None and xb[s] is not None)
+        if common:
+            result[task] = _paired([xa[s] for s in common], [xb[s] for s in common])
+    if a["glue_complete"] and b["glue_complete"]:  # the GLUE mean, seed by seed, on the same tasks
+        common = sorted(set(a[per_seed]) & set(b[per_seed]))
+        if common:
+            result["glue_mean"] = _paired([a[per_seed][s] for s in common], [b[per_seed][s] for s in common])
     return result
+
+
+def _paired(xa: Sequence[float], xb: Sequence[float]) -> dict[str, Any]:
+    from scipy.stats import ttest_rel
+
+    mean, std = _mean_std([x - y for x, y in zip(xa, xb, strict=True)])
+    p = float(ttest_rel(xa, xb).pvalue) if len(xa) >= 3 and std and std > 0 else None
+    return {"n": len(xa), "mean": mean, "std": std, "p": p}
+
+
+def paired_markdown(summary: dict[str, dict[str, Any]], tasks: Sequence[str], kind: str = "score") -> str:
+    """Per target set, each method minus each reference on the seeds both ran: mean ± std of the per-seed
+    differences of ``kind`` (score ×100, or STS-B points forgotten), the number of pairs and a paired t-test's p
+    where there are 3 or more."""
+    scale = PAIRED_KINDS[kind][2]
+    what = "score ×100" if kind == "score" else "STS-B points forgotten (negative = forgot less)"
+    lines = []
+    columns = [*tasks, "glue_mean"] if any(t in GLUE_TASKS for t in tasks) else list(tasks)
+    for target_set, methods in summary.items():
+        rows = []
+        for method, s in methods.items():
+            for reference in PAIRED_REFERENCES:
+                paired = s.get(f"paired_{kind}_vs_{reference}")
+                if not paired or _listed_before(method, reference):  # "oft − lora", not also "lora − oft"
+                    continue
+                cells = []
+                for column in columns:
+                    d = paired.get(column)
+                    if d is None:
+                        cells.append("–")
+                        continue
+                    p = "" if d["p"] is None else f", p={d['p']:.2f}"
+                    spread = d["std"] if d["n"] > 1 else None
+                    cells.append(f"{_signed_pm(d['mean'], spread, scale)} (n={d['n']}{p})")
+                rows.append(f"| {method} − {reference} | " + " | ".join(cells) + " |")
+        if not rows:
+            continue
+        lines += [
+            f"#### Paired differences in {what}, targets `{target_set}` (same seeds, same data order)",
+            "",
+            "| pair | " + " | ".join("GLUE mean" if c == "glue_mean" else c for c in columns) + " |",
+            "|" + "---|" * (len(columns) + 1),
+            *rows,
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _listed_before(method: str, reference: str) -> bool:
+    refs = PAIRED_REFERENCES
+    return method in refs and refs.index(method) < refs.index(reference)
+
+
+def _signed_pm(mean: float, std: Optional[float], scale: float) -> str:
+    return f"{mean * scale:+.1f}" + ("" if std is None else f" ± {std * scale:.1f}")
 
 
 def _pm(mean: Optional[float], std: Optional[float], scale: float = 100.0, digits: int = 1) -> str:
