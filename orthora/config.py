@@ -274,7 +274,9 @@ class OrthoConfig(PeftConfig):
         return super().check_kwargs(**{**former, **kwargs})
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> OrthoConfig:
         """Load the config and, for a local adapter folder, check its weights file before any model is touched.
 
         PEFT injects the adapter layers before it reads the weights, so a truncated or corrupt file would otherwise

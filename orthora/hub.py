@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import (
     CommitInfo,
@@ -30,6 +30,10 @@ from huggingface_hub import (
     constants,
     snapshot_download,
 )
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -465,7 +469,7 @@ def check_push_access(repo_id: str, token: str | None = None) -> str:
     return user["name"]
 
 
-def push_peft_model(model, repo_id: str, **kwargs: Any) -> CommitInfo:
+def push_peft_model(model: PeftModel, repo_id: str, **kwargs: Any) -> CommitInfo:
     """``PeftModel.push_to_hub`` for models with an orthora adapter: save, write the orthora card, upload.
 
     Accepts transformers' push_to_hub keywords (``token``, ``private``, ``revision``, ``commit_message``,
@@ -509,14 +513,14 @@ def download_adapter(
 
 
 def attach_adapter(
-    base_model,
+    base_model: PreTrainedModel,
     source: str | os.PathLike,
     *,
     adapter_name: str = "default",
     revision: str | None = None,
     token: str | bool | None = None,
     is_trainable: bool = False,
-):
+) -> PeftModel:
     """``PeftModel.from_pretrained(base_model, source)`` from a folder or Hub id, with one-line errors.
 
     An adapter trained for another base model raises `HubError` and leaves ``base_model`` as it was.
@@ -540,7 +544,7 @@ def attach_adapter(
     )
 
 
-def adapter_fit_problem(base_model, folder: str | os.PathLike) -> str | None:
+def adapter_fit_problem(base_model: PreTrainedModel, folder: str | os.PathLike) -> str | None:
     """Why the adapter in ``folder`` cannot load onto ``base_model``, or None; decided on a meta-device copy.
 
     PEFT wraps the base model's layers and heads before it reads the weights, so a mismatch found while loading
@@ -588,7 +592,7 @@ def load_pretrained(
     base_model: str | None = None,
     is_trainable: bool = False,
     **model_kwargs: Any,
-):
+) -> PeftModel:
     """Build the base model named by the adapter's ``base_model_name_or_path`` (or ``base_model``), then attach it.
 
     ``model_kwargs`` go to the transformers auto class's ``from_pretrained`` (e.g. ``num_labels=3``).

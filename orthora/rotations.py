@@ -288,7 +288,12 @@ class Parametrization:
         return (num_blocks, num_reflections, block_size)
 
     def identity_init(
-        self, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None, scale: float = 1.0
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_reflections: int = 2,
+        generator: torch.Generator | None = None,
+        scale: float = 1.0,
     ) -> torch.Tensor:
         """Parameters whose blocks are exactly the identity.
 
@@ -305,7 +310,12 @@ class Parametrization:
         return half.repeat_interleave(2, dim=1)
 
     def random_init(
-        self, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None, scale: float = 1.0
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_reflections: int = 2,
+        generator: torch.Generator | None = None,
+        scale: float = 1.0,
     ) -> torch.Tensor:
         """Parameters of random (non-identity) blocks, for tests: small generators, or random reflections."""
         shape = self.param_shape(num_blocks, block_size, num_reflections)
@@ -441,7 +451,11 @@ def orthogonal_factors(
 
 
 def identity_parameters(
-    parametrization: str, num_blocks: int, block_size: int, num_reflections: int = 2, generator=None
+    parametrization: str,
+    num_blocks: int,
+    block_size: int,
+    num_reflections: int = 2,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Parameters whose rotation is exactly the identity (see :meth:`Parametrization.identity_init`)."""
     return get_parametrization(parametrization).identity_init(

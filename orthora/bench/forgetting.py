@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 __all__ = ["load_sts_pairs", "mean_pooled_embeddings", "zero_shot_sts", "encoder_of"]
 
@@ -49,7 +50,11 @@ def encoder_of(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def mean_pooled_embeddings(
-    encoder: nn.Module, tokenizer, sentences: Sequence[str], batch_size: int = 64, max_length: int = 128
+    encoder: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    sentences: Sequence[str],
+    batch_size: int = 64,
+    max_length: int = 128,
 ) -> torch.Tensor:
     """Attention-masked mean of the last hidden states (sentence-transformers' pooling for all-MiniLM-L6-v2)."""
     device = next(encoder.parameters()).device
@@ -69,7 +74,10 @@ def mean_pooled_embeddings(
 
 
 def zero_shot_sts(
-    model: nn.Module, tokenizer, pairs: tuple[list[str], list[str], list[float]], batch_size: int = 64
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: tuple[list[str], list[str], list[float]],
+    batch_size: int = 64,
 ) -> float:
     """Spearman correlation (x100) between gold STS-B scores and the cosine of mean-pooled embeddings."""
     encoder = encoder_of(model)
