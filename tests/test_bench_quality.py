@@ -25,6 +25,7 @@ from orthora.bench.quality_plan import Claim, lr_is_interior, next_lrs, pending,
 from orthora.bench.quality_report import (
     head_rate_markdown,
     paired_markdown,
+    provenance_markdown,
     quality_markdown,
     runs_of,
     summarize,
@@ -229,6 +230,23 @@ def test_a_squad_only_table_renders_and_shows_em_and_f1():
     table = quality_markdown(summary, ["squad"], {"squad": 0.0})
     assert "| trivial baseline | 0 | 0.0 | – | | 0 |" in table
     assert "| orthora | 100 | 35.0 [exact_match 30.0, f1 40.0] (forgot 10.0; lr 0.003, n=1) |" in table
+
+
+def test_the_render_says_where_and_when_the_runs_ran():
+    """Runs span sessions and machines; the render names them from the runs, not from the machine rendering."""
+    xeon = {"cpu_model": "Xeon", "host_cores": 2, "torch_threads": 1, "git_commit": "a"}
+    epyc = {"cpu_model": "EPYC", "host_cores": 2, "torch_threads": 1, "git_commit": "b"}
+    runs = [
+        {**record("m", "sst2", 1e-3, 0, 0.8), "machine": {**xeon, "date": "2026-11-30T03:00:00+00:00"}},
+        {**record("m", "sst2", 1e-3, 1, 0.8), "machine": {**xeon, "date": "2026-11-30T14:10:00+00:00"}},
+        {**record("m", "sst2", 1e-3, 2, 0.8), "machine": {**epyc, "date": "2026-11-29T23:59:00+00:00"}},
+    ]
+    line = provenance_markdown(runs)
+    assert (
+        "Runs summarised: 3 (1 on EPYC, 2 cores, torch threads 1; 2 on Xeon, 2 cores, torch threads 1)"
+        in line
+    )
+    assert "finished 2026-11-29T23:59 to 2026-11-30T14:10 UTC, at 2 commits" in line
 
 
 def test_trivial_baseline_is_the_best_constant_prediction(tmp_path):

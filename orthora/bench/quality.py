@@ -27,6 +27,7 @@ from .quality_report import (
     head_rate_markdown,
     learn_forget_plot,
     paired_markdown,
+    provenance_markdown,
     quality_markdown,
     runs_of,
     summarize,
@@ -159,6 +160,8 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
         [
             quality_markdown(summary, tasks, trivial),
             *(paired_markdown(summary, tasks, kind) for kind in PAIRED_KINDS),
+            provenance_markdown(runs),
+            "",
         ]
     )
     if (

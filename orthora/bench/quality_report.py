@@ -299,6 +299,24 @@ def quality_markdown(
     return "\n".join(lines)
 
 
+def provenance_markdown(runs: Sequence[dict[str, Any]]) -> str:
+    """Where and when the summarised runs ran (each run's JSON records its machine): runs of one sweep span
+    sessions and can span machines, so the render's own machine says nothing about them."""
+    machines: dict[str, int] = defaultdict(int)
+    dates, commits = [], set()
+    for r in runs:
+        machine = r.get("machine") or {}
+        cores, threads = machine.get("host_cores", "?"), machine.get("torch_threads", "?")
+        machines[f"{machine.get('cpu_model', '?')}, {cores} cores, torch threads {threads}"] += 1
+        if machine.get("date"):
+            dates.append(machine["date"])
+        if machine.get("git_commit"):
+            commits.add(machine["git_commit"])
+    where = "; ".join(f"{count} on {name}" for name, count in sorted(machines.items()))
+    when = f", finished {min(dates)[:16]} to {max(dates)[:16]} UTC" if dates else ""
+    return f"Runs summarised: {len(runs)} ({where}){when}, at {len(commits)} commits."
+
+
 def head_rate_markdown(runs: Sequence[dict[str, Any]], head_lr: float) -> str:
     """Pairs of runs that differ only in the head's learning rate (its adapter LR vs ``head_lr``), same seed:
     how much of a method's task score and forgetting is the head's rate rather than the method."""
