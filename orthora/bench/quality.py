@@ -156,14 +156,12 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
         )
     trivial = {t: trivial_score(t, data_dir, args.eval_samples) for t in tasks}
     summary = summarize(runs, tasks, trivial)
-    markdown = "\n".join(
-        [
-            quality_markdown(summary, tasks, trivial),
-            *(paired_markdown(summary, tasks, kind) for kind in PAIRED_KINDS),
-            provenance_markdown(runs),
-            "",
-        ]
-    )
+    parts = [
+        quality_markdown(summary, tasks, trivial),
+        *(paired_markdown(summary, tasks, kind) for kind in PAIRED_KINDS),
+        provenance_markdown(runs) + "\n",
+    ]
+    markdown = "\n".join(part for part in parts if part)
     if (
         protocol.head_learning_rate is not None
     ):  # the same settings with the head at each run's LR, where both ran

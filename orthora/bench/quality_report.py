@@ -251,18 +251,28 @@ def quality_markdown(
     edge; ✗ = not clearly above the trivial baseline), GLUE mean, zero-shot STS-B forgetting, params."""
     lines = []
     glue_tasks = [t for t in tasks if t in GLUE_TASKS]
-    trivial_glue = statistics.mean(trivial.get(t, 0.0) for t in glue_tasks) if glue_tasks else None
+    # the GLUE aggregates only where there are GLUE tasks (a SQuAD-only table has none)
+    aggregates = (
+        " | GLUE mean | mean over tasks all passed | STS-B forgetting, same tasks" if glue_tasks else ""
+    )
+    trivial_glue = (
+        f" | {_pm(statistics.mean(trivial.get(t, 0.0) for t in glue_tasks), None)} | | 0"
+        if glue_tasks
+        else ""
+    )
     for target_set, methods in summary.items():
         lines += [
             f"#### Targets `{target_set}`: {', '.join(TARGET_SETS.get(target_set, []))}",
             "",
             "| method | trainable params (with head) | "
             + " | ".join(f"{t} ({'/'.join(TASK_METRICS[t])})" for t in tasks)
-            + " | GLUE mean | mean over tasks all passed | STS-B forgetting, same tasks |",
-            "|" + "---|" * (len(tasks) + 5),
+            + aggregates
+            + " |",
+            "|" + "---|" * (len(tasks) + (5 if glue_tasks else 2)),
             "| trivial baseline | 0 | "
             + " | ".join(f"{trivial.get(t, 0.0) * 100:.1f}" for t in tasks)
-            + f" | {_pm(trivial_glue, None)} | | 0 |",
+            + trivial_glue
+            + " |",
         ]
         for method, s in methods.items():
             cells, params = [], None
@@ -293,7 +303,8 @@ def quality_markdown(
             lines.append(
                 f"| {method} | {'–' if params is None else format(params, ',')} | "
                 + " | ".join(cells)
-                + f" | {glue} | {shared} | {forget} |"
+                + (f" | {glue} | {shared} | {forget}" if glue_tasks else "")
+                + " |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -314,7 +325,9 @@ def provenance_markdown(runs: Sequence[dict[str, Any]]) -> str:
             commits.add(machine["git_commit"])
     where = "; ".join(f"{count} on {name}" for name, count in sorted(machines.items()))
     when = f", finished {min(dates)[:16]} to {max(dates)[:16]} UTC" if dates else ""
-    return f"Runs summarised: {len(runs)} ({where}){when}, at {len(commits)} commits."
+    return (
+        f"Runs summarised: {len(runs)} ({where}){when}, at {len(commits)} commit{'s' * (len(commits) != 1)}."
+    )
 
 
 def head_rate_markdown(runs: Sequence[dict[str, Any]], head_lr: float) -> str:
