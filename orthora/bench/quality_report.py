@@ -60,11 +60,10 @@ def summarize(
     runs: Sequence[dict[str, Any]],
     tasks: Sequence[str],
     trivial: dict[str, float],
-    references: Sequence[str] = PAIRED_REFERENCES,
 ) -> dict[str, dict[str, Any]]:
     """Per target set and method: per-task mean ± std over seeds at the LR chosen on seed 0, failed settings
     (not clearly above the trivial baseline), the GLUE mean over seeds, forgetting, and paired differences
-    against each of ``references`` (same seeds, same data order)."""
+    against each of `PAIRED_REFERENCES` (same seeds, same data order)."""
     cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         cells[(r["target_set"], r["method"], r["task"])].append(r)
@@ -138,7 +137,7 @@ def summarize(
             )
             forgot = [summary["tasks"][t]["forgetting"][0] for t in shared]
             summary["shared_forgetting"] = statistics.mean(forgot) if forgot and None not in forgot else None
-        for reference in references:
+        for reference in PAIRED_REFERENCES:
             if reference not in methods:
                 continue
             for name, summary in methods.items():
