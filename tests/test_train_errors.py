@@ -20,6 +20,12 @@ def _run_and_expect_error(args, out, capsys) -> str:
     return message
 
 
+def _lora_sst2(model: str, train: str, dev: str) -> list[str]:
+    """The command line of a LoRA SST-2 run, the setting whose data the tests below break."""
+    return ["--model_name_or_path", model, "--task_name", "sst2", "--method", "lora", "--train_file", train,
+            "--validation_file", dev]  # fmt: skip
+
+
 def test_unknown_config_key(tmp_path, capsys):
     message = _run_and_expect_error(
         ["--model_name_or_path", "m", "--task_name", "sst2", "--num_epochs", "3"], tmp_path / "out", capsys
@@ -31,18 +37,7 @@ def test_missing_data_column(tiny_train_models, tmp_path, capsys):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": "a fine film", "label": i % 2}) + "\n" for i in range(8)))
     message = _run_and_expect_error(
-        [
-            "--model_name_or_path",
-            tiny_train_models["bert"],
-            "--task_name",
-            "sst2",
-            "--method",
-            "lora",
-            "--train_file",
-            str(train),
-            "--validation_file",
-            str(train),
-        ],
+        _lora_sst2(tiny_train_models["bert"], str(train), str(train)),
         tmp_path / "out",
         capsys,
     )
@@ -90,18 +85,7 @@ def test_unreadable_data_file(problem, tiny_train_models, task_files, tmp_path, 
     elif problem == "directory":
         bad.mkdir()
     message = _run_and_expect_error(
-        [
-            "--model_name_or_path",
-            tiny_train_models["bert"],
-            "--task_name",
-            "sst2",
-            "--method",
-            "lora",
-            "--train_file",
-            train,
-            "--validation_file",
-            str(bad),
-        ],
+        _lora_sst2(tiny_train_models["bert"], train, str(bad)),
         tmp_path / "out",
         capsys,
     )
@@ -121,18 +105,7 @@ def test_labels_outside_the_task_range(tiny_train_models, tmp_path, capsys):
         "".join(json.dumps({"sentence": "a film", "label": label}) + "\n" for label in (0, 1, 2, -1))
     )
     message = _run_and_expect_error(
-        [
-            "--model_name_or_path",
-            tiny_train_models["bert"],
-            "--task_name",
-            "sst2",
-            "--method",
-            "lora",
-            "--train_file",
-            str(train),
-            "--validation_file",
-            str(train),
-        ],
+        _lora_sst2(tiny_train_models["bert"], str(train), str(train)),
         tmp_path / "out",
         capsys,
     )
