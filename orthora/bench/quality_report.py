@@ -260,14 +260,17 @@ def quality_markdown(
         else ""
     )
     for target_set, methods in summary.items():
-        lines += [
-            f"#### Targets `{target_set}`: {', '.join(TARGET_SETS.get(target_set, []))}",
-            "",
+        header = (
             "| method | trainable params (with head) | "
             + " | ".join(f"{t} ({'/'.join(TASK_METRICS[t])})" for t in tasks)
             + aggregates
-            + " |",
-            "|" + "---|" * (len(tasks) + (5 if glue_tasks else 2)),
+            + " |"
+        )
+        lines += [
+            f"#### Targets `{target_set}`: {', '.join(TARGET_SETS.get(target_set, []))}",
+            "",
+            header,
+            "|" + "---|" * (header.count("|") - 1),  # one per column of the header, however many it has
             "| trivial baseline | 0 | "
             + " | ".join(f"{trivial.get(t, 0.0) * 100:.1f}" for t in tasks)
             + trivial_glue
