@@ -238,15 +238,27 @@ def test_the_render_says_where_and_when_the_runs_ran():
     """Runs span sessions and machines; the render names them from the runs, not from the machine rendering."""
     xeon = {"cpu_model": "Xeon", "host_cores": 2, "torch_threads": 1, "git_commit": "a"}
     epyc = {"cpu_model": "EPYC", "host_cores": 2, "torch_threads": 1, "git_commit": "b"}
+    h200 = {
+        "cpu_model": "Xeon",
+        "host_cores": 16,
+        "torch_threads": 1,
+        "gpu": "NVIDIA H200",
+        "git_commit": "b",
+    }
     runs = [
         {**record("m", "sst2", 1e-3, 0, 0.8), "machine": {**xeon, "date": "2026-11-30T03:00:00+00:00"}},
         {**record("m", "sst2", 1e-3, 1, 0.8), "machine": {**xeon, "date": "2026-11-30T14:10:00+00:00"}},
         {**record("m", "sst2", 1e-3, 2, 0.8), "machine": {**epyc, "date": "2026-11-29T23:59:00+00:00"}},
+        {
+            **record("m", "mrpc", 1e-3, 0, 0.8),
+            "machine": {**h200, "gpu": None, "date": "2026-11-30T05:00:00+00:00"},
+        },
+        {**record("m", "mrpc", 1e-3, 1, 0.8), "machine": {**h200, "date": "2026-11-30T05:00:00+00:00"}},
     ]
     line = provenance_markdown(runs)
     assert (
-        "Runs summarised: 3 (1 on EPYC, 2 cores, torch threads 1; 2 on Xeon, 2 cores, torch threads 1)"
-        in line
+        "Runs summarised: 5 (1 on EPYC, 2 cores, torch threads 1; 1 on NVIDIA H200 with Xeon, 16 cores, torch "
+        "threads 1; 1 on Xeon, 16 cores, torch threads 1; 2 on Xeon, 2 cores, torch threads 1)" in line
     )
     assert "finished 2026-11-29T23:59 to 2026-11-30T14:10 UTC, at 2 commits" in line
 

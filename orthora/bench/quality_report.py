@@ -320,7 +320,8 @@ def provenance_markdown(runs: Sequence[dict[str, Any]]) -> str:
     for r in runs:
         machine = r.get("machine") or {}
         cores, threads = machine.get("host_cores", "?"), machine.get("torch_threads", "?")
-        machines[f"{machine.get('cpu_model', '?')}, {cores} cores, torch threads {threads}"] += 1
+        gpu = f"{machine['gpu']} with " if machine.get("gpu") else ""  # the run trained on the GPU
+        machines[f"{gpu}{machine.get('cpu_model', '?')}, {cores} cores, torch threads {threads}"] += 1
         if machine.get("date"):
             dates.append(machine["date"])
         if machine.get("git_commit"):
