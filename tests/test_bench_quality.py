@@ -21,7 +21,7 @@ from orthora.bench.quality_methods import (
     parse_method_name,
     resolve_method,
 )
-from orthora.bench.quality_plan import Claim, lr_is_interior, next_lrs, pending, run_sweep
+from orthora.bench.quality_plan import Claim, best_lr, lr_is_interior, next_lrs, pending, run_sweep
 from orthora.bench.quality_report import (
     head_rate_markdown,
     paired_markdown,
@@ -82,6 +82,21 @@ def test_lr_search_extends_past_a_best_edge_and_stops_inside():
     # the ladder's end closes an edge
     top = [record("m", "sst2", lr, 0, s) for lr, s in ((1e-2, 0.1), (3e-2, 0.9))]
     assert next_lrs(top, (1e-2, 3e-2)) == []
+
+
+def test_lr_search_stops_on_a_plateau_of_equal_scores():
+    """Every rate at the majority class scores exactly the same: the search must not walk that plateau up (or down)
+    the ladder, and the rate it keeps is the smallest tied one inside the grid."""
+    start = (3e-4, 1e-3, 3e-3)
+    flat = [record("m", "rte", lr, 0, 0.527) for lr in start]
+    assert next_lrs(flat, start) == [] and lr_is_interior(flat)
+    assert best_lr(flat) == 1e-3
+    # a plateau that reaches the top edge but also holds an interior rate stops too, at the interior one
+    edge = [record("m", "rte", lr, 0, s) for lr, s in ((3e-4, 0.50), (1e-3, 0.527), (3e-3, 0.527))]
+    assert next_lrs(edge, start) == [] and best_lr(edge) == 1e-3
+    # a tie confined to the edges is no plateau inside: the smaller rate is kept and the search goes on below it
+    ends = [record("m", "rte", lr, 0, s) for lr, s in ((3e-4, 0.527), (1e-3, 0.50), (3e-3, 0.527))]
+    assert best_lr(ends) == 3e-4 and next_lrs(ends, start) == [1e-4]
 
 
 def test_pending_searches_seed0_everywhere_first_then_repeats_at_the_chosen_lr():

@@ -34,9 +34,21 @@ def _ladder_neighbour(lr: float, step: int) -> Optional[float]:
 
 
 def best_lr(runs: Iterable[dict[str, Any]], *, seed: int = 0) -> Optional[float]:
-    """The learning rate with the best ``seed`` score among ``runs`` (one target set, task and method)."""
-    scored = [(r["score"], r["lr"]) for r in runs if r["seed"] == seed and r.get("score") is not None]
-    return max(scored)[1] if scored else None
+    """The learning rate with the best ``seed`` score among ``runs`` (one target set, task and method).
+
+    Equal best scores are a plateau (e.g. every rate predicting the majority class): then the tied rate inside the
+    tried range wins, so the search stops instead of walking the plateau to the ladder's end, and among those the
+    smaller rate, the smaller change to the pretrained model.
+    """
+    runs = [r for r in runs if r["seed"] == seed]
+    scored = [(r["score"], r["lr"]) for r in runs if r.get("score") is not None]
+    if not scored:
+        return None
+    top = max(score for score, _ in scored)
+    tied = sorted(lr for score, lr in scored if score == top)
+    tried = sorted(r["lr"] for r in runs)
+    inside = [lr for lr in tied if tried[0] < lr < tried[-1]]
+    return (inside or tied)[0]
 
 
 def next_lrs(runs: Sequence[dict[str, Any]], start: Sequence[float]) -> list[float]:
