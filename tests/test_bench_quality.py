@@ -86,17 +86,17 @@ def test_lr_search_extends_past_a_best_edge_and_stops_inside():
 
 def test_lr_search_stops_on_a_plateau_of_equal_scores():
     """Every rate at the majority class scores exactly the same: the search must not walk that plateau up (or down)
-    the ladder, and the rate it keeps is the smallest tied one inside the grid."""
+    the ladder, and of tied rates it keeps the smallest, the smallest change to the pretrained model."""
     start = (3e-4, 1e-3, 3e-3)
     flat = [record("m", "rte", lr, 0, 0.527) for lr in start]
     assert next_lrs(flat, start) == [] and lr_is_interior(flat)
-    assert best_lr(flat) == 1e-3
-    # a plateau that reaches the top edge but also holds an interior rate stops too, at the interior one
+    assert best_lr(flat) == 3e-4
+    # a plateau that reaches the top edge but also holds an interior rate stops too
     edge = [record("m", "rte", lr, 0, s) for lr, s in ((3e-4, 0.50), (1e-3, 0.527), (3e-3, 0.527))]
     assert next_lrs(edge, start) == [] and best_lr(edge) == 1e-3
-    # a tie confined to the edges is no plateau inside: the smaller rate is kept and the search goes on below it
+    # a tie confined to the two edges is no plateau inside: the smaller rate is kept and the search goes on below it
     ends = [record("m", "rte", lr, 0, s) for lr, s in ((3e-4, 0.527), (1e-3, 0.50), (3e-3, 0.527))]
-    assert best_lr(ends) == 3e-4 and next_lrs(ends, start) == [1e-4]
+    assert best_lr(ends) == 3e-4 and next_lrs(ends, start) == [1e-4] and not lr_is_interior(ends)
 
 
 def test_pending_searches_seed0_everywhere_first_then_repeats_at_the_chosen_lr():

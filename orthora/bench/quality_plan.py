@@ -33,22 +33,21 @@ def _ladder_neighbour(lr: float, step: int) -> Optional[float]:
     return LR_LADDER[j] if 0 <= j < len(LR_LADDER) else None
 
 
-def best_lr(runs: Iterable[dict[str, Any]], *, seed: int = 0) -> Optional[float]:
-    """The learning rate with the best ``seed`` score among ``runs`` (one target set, task and method).
-
-    Equal best scores are a plateau (e.g. every rate predicting the majority class): then the tied rate inside the
-    tried range wins, so the search stops instead of walking the plateau to the ladder's end, and among those the
-    smaller rate, the smaller change to the pretrained model.
-    """
+def _best_and_plateau(runs: Iterable[dict[str, Any]], seed: int) -> tuple[list[float], list[float]]:
+    """The rates that share ``seed``'s best score (sorted), and every rate tried at that seed (sorted)."""
     runs = [r for r in runs if r["seed"] == seed]
     scored = [(r["score"], r["lr"]) for r in runs if r.get("score") is not None]
     if not scored:
-        return None
+        return [], sorted(r["lr"] for r in runs)
     top = max(score for score, _ in scored)
-    tied = sorted(lr for score, lr in scored if score == top)
-    tried = sorted(r["lr"] for r in runs)
-    inside = [lr for lr in tied if tried[0] < lr < tried[-1]]
-    return (inside or tied)[0]
+    return sorted(lr for score, lr in scored if score == top), sorted(r["lr"] for r in runs)
+
+
+def best_lr(runs: Iterable[dict[str, Any]], *, seed: int = 0) -> Optional[float]:
+    """The learning rate with the best ``seed`` score among ``runs`` (one target set, task and method); among equal
+    best scores the smallest rate, the smallest change to the pretrained model."""
+    tied, _ = _best_and_plateau(runs, seed)
+    return tied[0] if tied else None
 
 
 def next_lrs(runs: Sequence[dict[str, Any]], start: Sequence[float]) -> list[float]:
@@ -56,29 +55,27 @@ def next_lrs(runs: Sequence[dict[str, Any]], start: Sequence[float]) -> list[flo
 
     An edge is closed when the ladder ends or when the run past it scored worse (diverged runs score None, i.e.
     worst), so the search stops with the best point strictly inside the tried grid whenever the ladder allows.
+    Equal best scores are a plateau (e.g. every rate predicting the majority class): one that reaches inside the
+    grid ends the search, instead of being walked to the ladder's end.
     """
     tried = {r["lr"] for r in runs if r["seed"] == 0}
     missing = [lr for lr in start if lr not in tried]
     if missing:
         return missing
-    best = best_lr(runs)
-    if best is None:
+    tied, ordered = _best_and_plateau(runs, 0)
+    if not tied or lr_is_interior(runs):
         return []
-    ordered = sorted(tried)
-    if best == ordered[-1]:
-        up = _ladder_neighbour(best, +1)
-        return [up] if up is not None and up not in tried else []
-    if best == ordered[0]:
-        down = _ladder_neighbour(best, -1)
+    if tied[0] == ordered[0]:
+        down = _ladder_neighbour(tied[0], -1)
         return [down] if down is not None and down not in tried else []
-    return []
+    up = _ladder_neighbour(tied[-1], +1)  # the best is the top edge alone
+    return [up] if up is not None and up not in tried else []
 
 
 def lr_is_interior(runs: Sequence[dict[str, Any]]) -> bool:
-    """Whether seed 0's best learning rate has a tried neighbour on both sides."""
-    tried = sorted({r["lr"] for r in runs if r["seed"] == 0})
-    best = best_lr(runs)
-    return best is not None and tried[0] < best < tried[-1]
+    """Whether seed 0's best learning rate (or one that ties with it) has a tried neighbour on both sides."""
+    tied, tried = _best_and_plateau(runs, 0)
+    return any(tried[0] < lr < tried[-1] for lr in tied)
 
 
 def pending(
