@@ -29,8 +29,17 @@ from orthora.bench.quality_report import (
     quality_markdown,
     runs_of,
     summarize,
+    twins_markdown,
 )
-from orthora.bench.quality_runs import TARGET_SETS, TASK_METRICS, Protocol, RunKey, trivial_score
+from orthora.bench.quality_runs import (
+    TARGET_SETS,
+    TASK_METRICS,
+    Protocol,
+    RunKey,
+    load_runs,
+    merge_runs,
+    trivial_score,
+)
 from orthora.train.atomic_files import write_json_atomic
 
 
@@ -426,6 +435,66 @@ def test_quality_profile_cli_renders_finished_runs(tmp_path):
         out.args + ["--head-lr", "0.01"], capture_output=True, text=True, env=os.environ, timeout=300
     )
     assert again.returncode == 1 and again.stderr.strip().splitlines()[-1].startswith("no finished runs in ")
+    # another machine's folder: a second seed-1 run of a finished setting comes back as a twin, next to the first
+    other = tmp_path / "gpu-runs"
+    other.mkdir()
+    twin = {**record("lora", "sst2", 1e-3, 1, 0.9, fingerprint=fp), "machine": {"gpu": "NVIDIA H200"}}
+    write_json_atomic(other / RunKey("encoder", "sst2", "lora", fp, 1e-3, 1).file_name, twin)
+    merged = subprocess.run(
+        out.args[: out.args.index("--render")]
+        + ["--merge-runs", str(other)]
+        + out.args[out.args.index("--render") + 1 :],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert merged.returncode == 0, merged.stderr
+    assert f"0 runs added, 1 twins of finished settings kept in {tmp_path / 'runs-twins'}" in merged.stdout
+    assert (
+        "| encoder sst2 lora lr 0.001 seed 1 | 81.0 (" in merged.stdout
+        and "| 90.0 (NVIDIA H200 with " in merged.stdout
+    )
+
+
+def test_merging_another_machines_runs_adds_new_settings_and_keeps_second_runs_apart(tmp_path):
+    """The tables keep the run they had; a setting finished on both machines pairs its two runs; nothing is written
+    when the incoming folder holds a file that is not a finished run."""
+    here, there, twins = tmp_path / "here", tmp_path / "there", tmp_path / "twins"
+    here.mkdir(), there.mkdir()
+    cpu, gpu = (
+        {"cpu_model": "Xeon", "host_cores": 2, "torch_threads": 1},
+        {"gpu": "NVIDIA H200", "host_cores": 16},
+    )
+    first = {**record("lora", "rte", 1e-3, 0, 0.55), "machine": cpu}
+    kept = {**record("lora", "rte", 1e-3, 1, 0.56), "machine": cpu}
+    for run in (first, kept):
+        write_json_atomic(here / RunKey("encoder", "rte", "lora", "f", run["lr"], run["seed"]).file_name, run)
+    second = {**record("lora-again", "rte", 1e-3, 0, 0.58, forgetting=12.0), "machine": gpu}  # same config
+    new = {**record("lora", "rte", 1e-3, 2, 0.57), "machine": gpu}
+    write_json_atomic(there / RunKey("encoder", "rte", "lora-again", "f", 1e-3, 0).file_name, second)
+    write_json_atomic(there / RunKey("encoder", "rte", "lora", "f", 1e-3, 2).file_name, new)
+    write_json_atomic(there / RunKey("encoder", "rte", "lora", "f", 1e-3, 1).file_name, kept)
+    (there / "zz-cut-short.json").write_text('{"task": "rte", ')
+    with pytest.raises(ValueError, match="zz-cut-short.json is not a finished run"):
+        merge_runs(there, here, twins)
+    assert len(list(here.iterdir())) == 2 and not twins.exists()
+
+    (there / "zz-cut-short.json").unlink()
+    done = merge_runs(there, here, twins)
+    assert (len(done["added"]), len(done["twins"]), len(done["unchanged"])) == (1, 1, 1)
+    assert sorted(r["seed"] for r in load_runs(here)) == [0, 1, 2]
+    assert [r["machine"] for r in load_runs(here) if r["seed"] == 0] == [cpu]  # the table's run stays
+    table = twins_markdown(load_runs(here), load_runs(twins))
+    row = [line for line in table.splitlines() if line.startswith("| encoder rte")]
+    assert row == [
+        "| encoder rte lora lr 0.001 seed 0 | 55.0 (Xeon, 2 cores, torch threads 1) "
+        "| 58.0 (NVIDIA H200 with ?, 16 cores, torch threads ?) | +3.0 | 10.0 / 12.0 |"
+    ]
+    # merging the same folder again adds nothing and keeps one twin
+    again = merge_runs(there, here, twins)
+    assert (len(again["added"]), len(again["twins"]), len(again["unchanged"])) == (0, 1, 2)
+    assert len(list(here.glob("*.json"))) == 3 and len(list(twins.glob("*.json"))) == 1
 
 
 def test_forgetting_scores_the_adapted_encoder_not_the_base(tiny_train_models):

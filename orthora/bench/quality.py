@@ -9,7 +9,8 @@ STS-B score is taken (:mod:`orthora.bench.forgetting`), so every task score come
 
 Every run writes one JSON file when it finishes (atomically), named by its settings, so a sweep cut short loses at
 most the run in flight, several worker processes can share a sweep (``--shard``-free: each claims the next pending
-run with an exclusive lock file), and runs from several sessions combine by just being in the same folder.
+run with an exclusive lock file), and runs from several sessions combine by just being in the same folder
+(``--merge-runs`` joins another machine's folder, keeping a second run of a finished setting apart as its twin).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .quality_report import (
     runs_of,
     summarize,
     tradeoff_plot,
+    twins_markdown,
 )
 from .quality_runs import (
     GLUE_TASKS,
@@ -41,6 +43,7 @@ from .quality_runs import (
     TASK_METRICS,
     Protocol,
     load_runs,
+    merge_runs,
     trivial_score,
 )
 from .report import machine_info
@@ -72,6 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=None, help="model path (default: all-MiniLM-L6-v2)")
     group.add_argument("--data-dir", default=str(default_data_dir()), help=f"default: ${DATA_DIR_ENV}")
     group.add_argument("--runs-dir", default=str(RUNS_DIR), help="one JSON per finished run")
+    group.add_argument(
+        "--merge-runs",
+        default=None,
+        metavar="DIR",
+        help="bring another machine's finished runs into --runs-dir (a setting finished in both goes to "
+        "--twins-dir), then summarise; runs nothing",
+    )
+    group.add_argument(
+        "--twins-dir",
+        default=None,
+        help="second runs of settings already in --runs-dir (default: <runs-dir>-twins)",
+    )
     group.add_argument("--max-runs", type=int, default=None, help="stop this process after N runs")
     group.add_argument(
         "--no-wait",
@@ -130,10 +145,17 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
         head_learning_rate=args.head_lr,
     )
     runs_dir = Path(args.runs_dir)
+    twins_dir = Path(args.twins_dir) if args.twins_dir else runs_dir.with_name(runs_dir.name + "-twins")
+    if args.merge_runs:
+        done = merge_runs(Path(args.merge_runs), runs_dir, twins_dir)
+        print(
+            f"merged {args.merge_runs}: {len(done['added'])} runs added, {len(done['twins'])} twins of finished "
+            f"settings kept in {twins_dir}, {len(done['unchanged'])} already there"
+        )
     seeds = [int(s) for s in _split(args.seeds)]
     names = _split(args.quality_methods)
     methods = {ts: [resolve_method(n, TARGET_SETS[ts]) for n in names] for ts in target_sets}
-    if not args.render:
+    if not (args.render or args.merge_runs):
         for target_set in target_sets:
             run_sweep(
                 methods[target_set],
@@ -155,11 +177,13 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
             f"set(s) {', '.join(target_sets)} (head LR {protocol.head_learning_rate}); nothing to summarise"
         )
     trivial = {t: trivial_score(t, data_dir, args.eval_samples) for t in tasks}
+    twins = runs_of(load_runs(twins_dir), methods, tasks) if twins_dir.is_dir() else []  # pairs by setting
     summary = summarize(runs, tasks, trivial)
     parts = [
         quality_markdown(summary, tasks, trivial),
         *(paired_markdown(summary, tasks, kind) for kind in PAIRED_KINDS),
         provenance_markdown(runs) + "\n",
+        twins_markdown(runs, twins),
     ]
     markdown = "\n".join(part for part in parts if part)
     if (

@@ -312,6 +312,48 @@ def quality_markdown(
     return "\n".join(lines)
 
 
+def machine_label(machine: dict[str, Any]) -> str:
+    """What a run trained on, from its JSON's ``machine``: the GPU if it had one, the CPU, cores, torch threads."""
+    cores, threads = machine.get("host_cores", "?"), machine.get("torch_threads", "?")
+    gpu = f"{machine['gpu']} with " if machine.get("gpu") else ""
+    return f"{gpu}{machine.get('cpu_model', '?')}, {cores} cores, torch threads {threads}"
+
+
+def _setting(run: dict[str, Any]) -> tuple:
+    """A run's setting whatever method name it ran under: target set, task, config, LR, seed, head LR."""
+    return tuple(run.get(k) for k in ("target_set", "task", "fingerprint", "lr", "seed", "head_lr"))
+
+
+def _run_cell(run: dict[str, Any]) -> str:
+    metrics = {k: run["metrics"][k] for k in TASK_METRICS[run["task"]] if k in run["metrics"]}
+    return (
+        f"{run['score'] * 100:.1f}{_parts(run['task'], metrics)} ({machine_label(run.get('machine') or {})})"
+    )
+
+
+def twins_markdown(runs: Sequence[dict[str, Any]], twins: Iterable[dict[str, Any]]) -> str:
+    """Settings that finished on two machines (`merge_runs` keeps the second apart): the run in the tables next to
+    its twin, so a reader sees how far the machine alone (float order, dropout's generator) moves a score."""
+    kept = {_setting(r): r for r in runs}
+    rows = []
+    for twin in sorted(twins, key=lambda r: tuple(map(str, _setting(r)))):
+        run = kept.get(_setting(twin))
+        if run is None or run.get("score") is None or twin.get("score") is None:
+            continue
+        rows.append(
+            f"| {run['target_set']} {run['task']} {run['method']} lr {run['lr']:g} seed {run['seed']} "
+            f"| {_run_cell(run)} | {_run_cell(twin)} | {(twin['score'] - run['score']) * 100:+.1f} "
+            f"| {run['forgetting']:.1f} / {twin['forgetting']:.1f} |"
+        )
+    if not rows:
+        return ""
+    return (
+        "#### The same setting on two machines (the tables use the first)\n\n"
+        "| setting | score in the tables | twin | twin − table | STS-B forgotten (table / twin) |\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
 def provenance_markdown(runs: Sequence[dict[str, Any]]) -> str:
     """Where and when the summarised runs ran (each run's JSON records its machine): runs of one sweep span
     sessions and can span machines, so the render's own machine says nothing about them."""
@@ -319,9 +361,7 @@ def provenance_markdown(runs: Sequence[dict[str, Any]]) -> str:
     dates, commits = [], set()
     for r in runs:
         machine = r.get("machine") or {}
-        cores, threads = machine.get("host_cores", "?"), machine.get("torch_threads", "?")
-        gpu = f"{machine['gpu']} with " if machine.get("gpu") else ""  # the run trained on the GPU
-        machines[f"{gpu}{machine.get('cpu_model', '?')}, {cores} cores, torch threads {threads}"] += 1
+        machines[machine_label(machine)] += 1
         if machine.get("date"):
             dates.append(machine["date"])
         if machine.get("git_commit"):

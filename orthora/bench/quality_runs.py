@@ -234,6 +234,37 @@ def run_one(key: RunKey, method: QualityMethod, protocol: Protocol, data_dir: Pa
     }
 
 
+def run_key(run: dict[str, Any]) -> RunKey:
+    """The key a finished run's JSON was written under."""
+    return RunKey(**{field.name: run.get(field.name) for field in dataclasses.fields(RunKey)})
+
+
+def merge_runs(source: Path, runs_dir: Path, twins_dir: Path) -> dict[str, list[str]]:
+    """Bring the finished runs of another machine's sweep folder into ``runs_dir``.
+
+    A setting not finished in ``runs_dir`` is copied in. One that finished on both machines keeps the run already
+    there (the tables do not change under it) and the incoming one goes to ``twins_dir``, where the report pairs the
+    two. A file that is already there unchanged is skipped. Every incoming file is read before any is written, so a
+    folder holding a broken file changes nothing.
+    """
+    from orthora.train.atomic_files import write_json_atomic
+
+    load_runs(Path(source))  # names the first file that is not a finished run, before anything is written
+    incoming = [(path.name, json.loads(path.read_text())) for path in sorted(Path(source).glob("*.json"))]
+    done: dict[str, list[str]] = {"added": [], "twins": [], "unchanged": []}
+    for name, run in incoming:
+        here = Path(runs_dir) / name
+        if here.exists() and json.loads(here.read_text()) == run:
+            done["unchanged"].append(name)
+        elif run_key(run).finished_in(runs_dir):
+            write_json_atomic(Path(twins_dir) / name, run)
+            done["twins"].append(name)
+        else:
+            write_json_atomic(here, run)
+            done["added"].append(name)
+    return done
+
+
 def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
     """Every finished run in ``runs_dir`` (files that do not parse, e.g. from another tool, are an error)."""
     runs = []
