@@ -480,6 +480,10 @@ def test_merging_another_machines_runs_adds_new_settings_and_keeps_second_runs_a
         merge_runs(there, here, twins)
     assert len(list(here.iterdir())) == 2 and not twins.exists()
 
+    (there / "zz-cut-short.json").write_text('{"profile": "quality", "summary": {}}')  # a report, not a run
+    with pytest.raises(ValueError, match="zz-cut-short.json is not a finished run .no target_set, task"):
+        merge_runs(there, here, twins)
+    assert len(list(here.iterdir())) == 2 and not twins.exists()
     (there / "zz-cut-short.json").unlink()
     done = merge_runs(there, here, twins)
     assert (len(done["added"]), len(done["twins"]), len(done["unchanged"])) == (1, 1, 1)

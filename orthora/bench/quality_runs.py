@@ -249,8 +249,17 @@ def merge_runs(source: Path, runs_dir: Path, twins_dir: Path) -> dict[str, list[
     """
     from orthora.train.atomic_files import write_json_atomic
 
-    load_runs(Path(source))  # names the first file that is not a finished run, before anything is written
-    incoming = [(path.name, json.loads(path.read_text())) for path in sorted(Path(source).glob("*.json"))]
+    incoming = []
+    for path in sorted(Path(source).glob("*.json")):
+        try:
+            run = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not a finished run ({err}); nothing was merged") from None
+        named = [f.name for f in dataclasses.fields(RunKey) if f.name != "head_lr"]  # head_lr may be None
+        missing = [k for k in named if not isinstance(run, dict) or run.get(k) is None]
+        if missing:
+            raise ValueError(f"{path} is not a finished run (no {', '.join(missing)}); nothing was merged")
+        incoming.append((path.name, run))
     done: dict[str, list[str]] = {"added": [], "twins": [], "unchanged": []}
     for name, run in incoming:
         here = Path(runs_dir) / name
