@@ -63,7 +63,7 @@ def next_lrs(runs: Sequence[dict[str, Any]], start: Sequence[float]) -> list[flo
     if missing:
         return missing
     tied, ordered = _best_and_plateau(runs, 0)
-    if not tied or lr_is_interior(runs):
+    if not tied or _inside(tied, ordered):
         return []
     if tied[0] == ordered[0]:
         down = _ladder_neighbour(tied[0], -1)
@@ -74,7 +74,10 @@ def next_lrs(runs: Sequence[dict[str, Any]], start: Sequence[float]) -> list[flo
 
 def lr_is_interior(runs: Sequence[dict[str, Any]]) -> bool:
     """Whether seed 0's best learning rate (or one that ties with it) has a tried neighbour on both sides."""
-    tied, tried = _best_and_plateau(runs, 0)
+    return _inside(*_best_and_plateau(runs, 0))
+
+
+def _inside(tied: Sequence[float], tried: Sequence[float]) -> bool:
     return any(tried[0] < lr < tried[-1] for lr in tied)
 
 

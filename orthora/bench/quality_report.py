@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .quality_methods import QualityMethod
 from .quality_plan import best_lr, lr_is_interior
-from .quality_runs import GLUE_TASKS, QA_TASKS, TARGET_SETS, TASK_METRICS
+from .quality_runs import GLUE_TASKS, QA_TASKS, TARGET_SETS, TASK_METRICS, run_key
 from .report import fmt
 
 #: a run must beat the task's trivial baseline (majority class / constant prediction) by this much to count
@@ -319,9 +319,9 @@ def machine_label(machine: dict[str, Any]) -> str:
     return f"{gpu}{machine.get('cpu_model', '?')}, {cores} cores, torch threads {threads}"
 
 
-def _setting(run: dict[str, Any]) -> tuple:
-    """A run's setting whatever method name it ran under: target set, task, config, LR, seed, head LR."""
-    return tuple(run.get(k) for k in ("target_set", "task", "fingerprint", "lr", "seed", "head_lr"))
+def _setting(run: dict[str, Any]) -> str:
+    """A run's setting whatever method name it ran under (its claim's name)."""
+    return run_key(run).claim_name
 
 
 def _run_cell(run: dict[str, Any]) -> str:
@@ -336,7 +336,7 @@ def twins_markdown(runs: Sequence[dict[str, Any]], twins: Iterable[dict[str, Any
     its twin, so a reader sees how far the machine alone (float order, dropout's generator) moves a score."""
     kept = {_setting(r): r for r in runs}
     rows = []
-    for twin in sorted(twins, key=lambda r: tuple(map(str, _setting(r)))):
+    for twin in sorted(twins, key=_setting):
         run = kept.get(_setting(twin))
         if run is None or run.get("score") is None or twin.get("score") is None:
             continue
