@@ -12,6 +12,7 @@ from unittest import mock
 import pytest
 from conftest import synthetic_rows, write_jsonl
 
+from orthora.bench import cli as bench_cli
 from orthora.bench import quality
 from orthora.bench.budgets import MethodSpec
 from orthora.bench.quality_methods import (
@@ -479,6 +480,20 @@ def test_merging_another_machines_runs_adds_new_settings_and_keeps_second_runs_a
     with pytest.raises(ValueError, match="zz-cut-short.json is not a finished run"):
         merge_runs(there, here, twins)
     assert len(list(here.iterdir())) == 2 and not twins.exists()
+    (tmp_path / "data" / "glue").mkdir(parents=True)  # the command line says it in one line, not a traceback
+    argv = [
+        "--profile",
+        "quality",
+        "--merge-runs",
+        str(there),
+        "--runs-dir",
+        str(here),
+        "--twins-dir",
+        str(twins),
+    ]
+    with pytest.raises(SystemExit, match="zz-cut-short.json is not a finished run") as exit_:
+        bench_cli.main([*argv, "--data-dir", str(tmp_path / "data"), "--no-write"])
+    assert "\n" not in str(exit_.value.code) and not twins.exists()
 
     (there / "zz-cut-short.json").write_text('{"profile": "quality", "summary": {}}')  # a report, not a run
     with pytest.raises(ValueError, match="zz-cut-short.json is not a finished run .no target_set, task"):

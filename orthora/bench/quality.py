@@ -147,7 +147,10 @@ def run_profile(args: argparse.Namespace, command: str) -> tuple[dict, str, str]
     runs_dir = Path(args.runs_dir)
     twins_dir = Path(args.twins_dir) if args.twins_dir else runs_dir.with_name(runs_dir.name + "-twins")
     if args.merge_runs:
-        done = merge_runs(Path(args.merge_runs), runs_dir, twins_dir)
+        try:
+            done = merge_runs(Path(args.merge_runs), runs_dir, twins_dir)
+        except ValueError as err:  # a file that is not a finished run: one line, and nothing was written
+            raise SystemExit(str(err)) from None
         print(
             f"merged {args.merge_runs}: {len(done['added'])} runs added, {len(done['twins'])} twins of finished "
             f"settings kept in {twins_dir}, {len(done['unchanged'])} already there"
