@@ -79,7 +79,7 @@ def test_method_names_with_variants_split_and_parse():
 
 def test_lr_search_extends_past_a_best_edge_and_stops_inside():
     start = (3e-4, 1e-3, 3e-3)
-    assert next_lrs([], start) == list(start)
+    assert next_lrs([], start) == [1e-3, 3e-4, 3e-3]  # the middle first: one run alone is the likeliest best
     runs = [record("m", "sst2", lr, 0, s) for lr, s in ((3e-4, 0.7), (1e-3, 0.8), (3e-3, 0.9))]
     assert next_lrs(runs, start) == [1e-2]  # best at the top edge: one ladder step up
     runs.append(record("m", "sst2", 1e-2, 0, None))  # diverged: scores worst, so 3e-3 is now interior
@@ -116,12 +116,17 @@ def test_pending_searches_seed0_everywhere_first_then_repeats_at_the_chosen_lr()
         record("m", "sst2", lr, 0, s, fingerprint=fp) for lr, s in ((1e-3, 0.7), (3e-3, 0.9), (1e-2, 0.8))
     ]
     stale = [record("m", "rte", lr, 0, 0.9, fingerprint="older") for lr in (1e-3, 3e-3, 1e-2)]
-    todo = pending(done + stale, [method], ["sst2", "rte"], ["encoder"], [0, 1, 2])
+    todo = pending(done + stale, [method], ["sst2", "rte", "cola"], ["encoder"], [0, 1, 2])
     keys = [(k.task, k.lr, k.seed) for k, _ in todo]
     assert keys == [
-        ("rte", 1e-3, 0),
+        # breadth first: every open search's middle rate before any search's neighbours, so a sweep cut short
+        # (one slow method, one session) has a run in every cell instead of whole searches for some tasks only
         ("rte", 3e-3, 0),
+        ("cola", 3e-3, 0),
+        ("rte", 1e-3, 0),
+        ("cola", 1e-3, 0),
         ("rte", 1e-2, 0),
+        ("cola", 1e-2, 0),
         ("sst2", 3e-3, 1),
         ("sst2", 3e-3, 2),
     ]
@@ -137,8 +142,8 @@ def test_runs_of_another_head_learning_rate_never_count():
         for lr, s in ((1e-3, 0.7), (3e-3, 0.9), (1e-2, 0.8))
     ]
     todo = pending(same_head, [method], ["sst2"], ["encoder"], [0], head_lr=3e-3)
-    assert [(k.lr, k.seed, k.head_lr) for k, _ in todo] == [(1e-3, 0, 3e-3), (3e-3, 0, 3e-3), (1e-2, 0, 3e-3)]
-    assert todo[0][0].file_name.endswith("__lr0.001__h0.003__s0.json")
+    assert [(k.lr, k.seed, k.head_lr) for k, _ in todo] == [(3e-3, 0, 3e-3), (1e-3, 0, 3e-3), (1e-2, 0, 3e-3)]
+    assert todo[0][0].file_name.endswith("__lr0.003__h0.003__s0.json")
     assert pending(same_head, [method], ["sst2"], ["encoder"], [0]) == []
     assert RunKey("encoder", "sst2", "m", fp, 1e-3, 0).file_name.endswith("__lr0.001__s0.json")
 

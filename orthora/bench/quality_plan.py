@@ -51,7 +51,8 @@ def best_lr(runs: Iterable[dict[str, Any]], *, seed: int = 0) -> Optional[float]
 
 
 def next_lrs(runs: Sequence[dict[str, Any]], start: Sequence[float]) -> list[float]:
-    """Learning rates still to try on seed 0: the start grid, then one ladder step past an edge that is best.
+    """Learning rates still to try on seed 0: the start grid (its middle first), then one ladder step past an edge
+    that is best.
 
     An edge is closed when the ladder ends or when the run past it scored worse (diverged runs score None, i.e.
     worst), so the search stops with the best point strictly inside the tried grid whenever the ladder allows.
@@ -59,7 +60,8 @@ def next_lrs(runs: Sequence[dict[str, Any]], start: Sequence[float]) -> list[flo
     grid ends the search, instead of being walked to the ladder's end.
     """
     tried = {r["lr"] for r in runs if r["seed"] == 0}
-    missing = [lr for lr in start if lr not in tried]
+    middle_out = sorted(range(len(start)), key=lambda i: abs(i - len(start) // 2))
+    missing = [start[i] for i in middle_out if start[i] not in tried]
     if missing:
         return missing
     tied, ordered = _best_and_plateau(runs, 0)
@@ -89,7 +91,8 @@ def pending(
     seeds: Sequence[int],
     head_lr: Optional[float] = None,
 ) -> list[tuple[RunKey, QualityMethod]]:
-    """Runs still needed: every seed-0 learning-rate search first (a whole one-seed picture early), then the
+    """Runs still needed: every seed-0 learning-rate search first, breadth first (each cell's next rate, the start
+    grid's middle first, before any cell's second), so a sweep cut short still has one run in every cell; then the
     other seeds of each cell whose search has settled (best LR interior, or the ladder's end reached), at that LR.
 
     A run counts for every method with its resolved config (its fingerprint), whatever name it ran under: when the
@@ -100,7 +103,8 @@ def pending(
         if r.get("head_lr") != head_lr:  # another protocol's run
             continue
         grouped[(r["target_set"], r["task"], r.get("fingerprint"))].append(r)
-    search, repeats = [], []
+    search_rounds: dict[int, list] = defaultdict(list)
+    repeats = []
     for target_set in target_sets:
         for task in tasks:
             for method in methods:
@@ -110,14 +114,15 @@ def pending(
                 )
                 lrs = next_lrs(runs, method.start_lrs)
                 if lrs:
-                    search += [(key(lr, 0), method) for lr in lrs]
+                    for round_, lr in enumerate(lrs):
+                        search_rounds[round_].append((key(lr, 0), method))
                     continue
                 lr = best_lr(runs)
                 if lr is None:
                     continue
                 have = {r["seed"] for r in runs if r["lr"] == lr}
                 repeats += [(key(lr, s), method) for s in seeds if s not in have]
-    return search + repeats
+    return [run for round_ in sorted(search_rounds) for run in search_rounds[round_]] + repeats
 
 
 class Claim:
