@@ -116,19 +116,32 @@ def test_pending_searches_seed0_everywhere_first_then_repeats_at_the_chosen_lr()
         record("m", "sst2", lr, 0, s, fingerprint=fp) for lr, s in ((1e-3, 0.7), (3e-3, 0.9), (1e-2, 0.8))
     ]
     stale = [record("m", "rte", lr, 0, 0.9, fingerprint="older") for lr in (1e-3, 3e-3, 1e-2)]
-    todo = pending(done + stale, [method], ["sst2", "rte", "cola"], ["encoder"], [0, 1, 2])
+    todo = pending(done + stale, [method], ["sst2", "rte", "cola", "mrpc"], ["encoder"], [0, 1, 2])
     keys = [(k.task, k.lr, k.seed) for k, _ in todo]
     assert keys == [
         # breadth first: every open search's middle rate before any search's neighbours, so a sweep cut short
         # (one slow method, one session) has a run in every cell instead of whole searches for some tasks only
         ("rte", 3e-3, 0),
         ("cola", 3e-3, 0),
+        ("mrpc", 3e-3, 0),
         ("rte", 1e-3, 0),
         ("cola", 1e-3, 0),
+        ("mrpc", 1e-3, 0),
         ("rte", 1e-2, 0),
         ("cola", 1e-2, 0),
+        ("mrpc", 1e-2, 0),
         ("sst2", 3e-3, 1),
         ("sst2", 3e-3, 2),
+    ]
+    # a cell that has run its middle rate waits until every other cell has run one: its next rate is in round 1
+    started = done + [record("m", "cola", 3e-3, 0, 0.5, fingerprint=fp)]
+    todo = pending(started, [method], ["rte", "cola"], ["encoder"], [0])
+    assert [(k.task, k.lr) for k, _ in todo] == [
+        ("rte", 3e-3),
+        ("rte", 1e-3),
+        ("cola", 1e-3),
+        ("rte", 1e-2),
+        ("cola", 1e-2),
     ]
     assert all(m is method and k.fingerprint == fp for k, m in todo)  # runs of another config never count
 

@@ -91,8 +91,8 @@ def pending(
     seeds: Sequence[int],
     head_lr: Optional[float] = None,
 ) -> list[tuple[RunKey, QualityMethod]]:
-    """Runs still needed: every seed-0 learning-rate search first, breadth first (each cell's next rate, the start
-    grid's middle first, before any cell's second), so a sweep cut short still has one run in every cell; then the
+    """Runs still needed: every seed-0 learning-rate search first, breadth first (a cell with fewer rates tried
+    goes first; the start grid's middle first), so a sweep cut short still has one run in every cell; then the
     other seeds of each cell whose search has settled (best LR interior, or the ladder's end reached), at that LR.
 
     A run counts for every method with its resolved config (its fingerprint), whatever name it ran under: when the
@@ -114,8 +114,9 @@ def pending(
                 )
                 lrs = next_lrs(runs, method.start_lrs)
                 if lrs:
-                    for round_, lr in enumerate(lrs):
-                        search_rounds[round_].append((key(lr, 0), method))
+                    tried = len({r["lr"] for r in runs if r["seed"] == 0})
+                    for i, lr in enumerate(lrs):  # a cell's n-th rate runs in round n, whatever it has tried
+                        search_rounds[tried + i].append((key(lr, 0), method))
                     continue
                 lr = best_lr(runs)
                 if lr is None:
