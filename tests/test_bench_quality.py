@@ -26,6 +26,7 @@ from orthora.bench.quality_plan import Claim, best_lr, lr_is_interior, next_lrs,
 from orthora.bench.quality_report import (
     head_rate_markdown,
     paired_markdown,
+    plot_label,
     provenance_markdown,
     quality_markdown,
     runs_of,
@@ -217,6 +218,18 @@ def test_head_rate_table_pairs_runs_that_differ_only_in_the_head_rate():
     assert "| sst2 | m | 0.001 | 0 | 80.0 / 40.0 | 81.0 / 10.0 |" in table
     assert table.count("| sst2 |") == 1
     assert head_rate_markdown([slow, other_config], 1e-2) == ""
+
+
+def test_plot_labels_name_the_seeds_behind_each_point():
+    """The learn-vs-forget plot mixes 3-seed means with one-seed peers (BOFT, HRA): each legend entry says which."""
+    runs = [record("lora", "sst2", 1e-3, seed, 0.8) for seed in range(3)]
+    runs += [
+        record("lora", "cola", 1e-3, seed, 0.3) for seed in range(2)
+    ]  # the fewest seeds of a shared task
+    runs += [record("hra", task, 1e-3, 0, 0.8 if task == "sst2" else 0.3) for task in ("sst2", "cola")]
+    summary = summarize(runs, ["sst2", "cola"], {"sst2": 0.5, "cola": 0.0})["encoder"]
+    assert plot_label("lora", summary["lora"]) == "lora (2 seeds)"
+    assert plot_label("hra", summary["hra"]) == "hra (1 seed)"
 
 
 def test_summary_means_stds_failed_settings_and_paired_differences():

@@ -414,6 +414,13 @@ def head_rate_markdown(runs: Sequence[dict[str, Any]], head_lr: float) -> str:
     )
 
 
+def plot_label(method: str, summary: dict[str, Any]) -> str:
+    """A method's legend entry with the seeds behind its point (the fewest of its shared tasks), so a one-seed point
+    is never read as a mean of three."""
+    n = min((len(summary["tasks"][t]["seeds"]) for t in summary["shared_tasks"]), default=0)
+    return f"{method} ({n} seed{'' if n == 1 else 's'})"
+
+
 def learn_forget_plot(summary: dict[str, dict[str, Any]], path: Path) -> Path:
     """Learned (mean score over the tasks every method passed) against forgotten (zero-shot STS-B drop on those same
     tasks), one point per method and a panel per target set, so every point is measured on the same tasks."""
@@ -428,7 +435,9 @@ def learn_forget_plot(summary: dict[str, dict[str, Any]], path: Path) -> Path:
         for method, s in methods.items():
             if s["shared_mean"] is None or s["shared_forgetting"] is None:
                 continue
-            ax.plot(s["shared_forgetting"], s["shared_mean"] * 100, "o", markersize=8, label=method)
+            ax.plot(
+                s["shared_forgetting"], s["shared_mean"] * 100, "o", markersize=8, label=plot_label(method, s)
+            )
         ax.set_xlabel("zero-shot STS-B drop, points (lower = forgot less)")
         ax.set_ylabel("mean task score x100 (higher = learned more)")
         ax.set_title(f"targets {target_set}; tasks: {', '.join(shared) or 'none shared'}")
