@@ -23,7 +23,7 @@ import click
 import typer
 
 from .hub import HubError
-from .train.config import ConfigError
+from .train.config import ConfigError, report_error
 
 PROG = "orthora"
 USER_ERRORS = (ConfigError, HubError)
@@ -483,9 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if _options["verbose"]:
             traceback.print_exc()
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            line = next((x for x in str(err).splitlines() if x.strip()), type(err).__name__)
-            typer.echo(f"{PROG}: error: {line}", err=True)
+        report_error(PROG, next((x for x in str(err).splitlines() if x.strip()), type(err).__name__))
         return 2
     return 0
 

@@ -33,6 +33,21 @@ def test_unknown_config_key(tmp_path, capsys):
     assert "unknown config key 'num_epochs'" in message
 
 
+def test_every_launched_process_reports_the_error(tmp_path, capsys, monkeypatch):
+    """Under a launcher every rank meets the same bad input, and the first to exit gets the others killed: a line
+    printed by rank 0 alone was lost whenever rank 1 exited first (seen under load in the FSDP launch test)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(["--model_name_or_path", "m", "--task_name", "sst2", "--num_epochs", "3"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith("orthora-finetune [rank 1]: error: unknown config key 'num_epochs'")
+    )
+
+
 def test_missing_data_column(tiny_train_models, tmp_path, capsys):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": "a fine film", "label": i % 2}) + "\n" for i in range(8)))

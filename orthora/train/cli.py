@@ -22,6 +22,7 @@ from .config import (
     coerce,
     load_yaml,
     parse_value,
+    report_error,
     unknown_key_error,
 )
 
@@ -136,12 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = parse_args(argv)
         results = run(config)
     except ConfigError as err:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"{PROG}: error: {err}", file=sys.stderr)
+        report_error(PROG, str(err))
         return 2
     except TrainingDiverged as err:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"{PROG}: error: {err}", file=sys.stderr)
+        report_error(PROG, str(err))
         return 1
     metrics = {k: v for k, v in results["metrics"].items() if k not in ("step", "epoch")}
     if os.environ.get("LOCAL_RANK", "0") == "0":

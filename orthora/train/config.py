@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,17 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 class ConfigError(ValueError):
     """Bad user input (config, data or model choice), detected before any training step runs."""
+
+
+def report_error(prog: str, message: str) -> None:
+    """Print a user error from every process, naming its rank when several run.
+
+    Every rank meets the same bad input before any collective, and the launcher kills the others as soon as one
+    exits, so a line printed by rank 0 alone is lost whenever another rank exits first.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f" [rank {os.environ.get('RANK', '?')}]" if world > 1 else ""
+    print(f"{prog}{where}: error: {message}", file=sys.stderr, flush=True)
 
 
 def _opt(default: Any = None, help: str = "", tasks: tuple[str, ...] = ()) -> Any:
