@@ -223,9 +223,8 @@ def test_head_rate_table_pairs_runs_that_differ_only_in_the_head_rate():
 def test_plot_labels_name_the_seeds_behind_each_point():
     """The learn-vs-forget plot mixes 3-seed means with one-seed peers (BOFT, HRA): each legend entry says which."""
     runs = [record("lora", "sst2", 1e-3, seed, 0.8) for seed in range(3)]
-    runs += [
-        record("lora", "cola", 1e-3, seed, 0.3) for seed in range(2)
-    ]  # the fewest seeds of a shared task
+    # CoLA ran two seeds: the fewest of LoRA's shared tasks, so its point is a 2-seed mean
+    runs += [record("lora", "cola", 1e-3, seed, 0.3) for seed in range(2)]
     runs += [record("hra", task, 1e-3, 0, 0.8 if task == "sst2" else 0.3) for task in ("sst2", "cola")]
     summary = summarize(runs, ["sst2", "cola"], {"sst2": 0.5, "cola": 0.0})["encoder"]
     assert plot_label("lora", summary["lora"]) == "lora (2 seeds)"

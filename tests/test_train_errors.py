@@ -40,12 +40,8 @@ def test_every_launched_process_reports_the_error(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert main(["--model_name_or_path", "m", "--task_name", "sst2", "--num_epochs", "3"]) == 2
-    assert (
-        capsys.readouterr()
-        .err.strip()
-        .splitlines()[-1]
-        .startswith("orthora-finetune [rank 1]: error: unknown config key 'num_epochs'")
-    )
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("orthora-finetune [rank 1]: error: unknown config key 'num_epochs'")
 
 
 def test_missing_data_column(tiny_train_models, tmp_path, capsys):

@@ -115,7 +115,7 @@ def pending(
                 lrs = next_lrs(runs, method.start_lrs)
                 if lrs:
                     tried = len({r["lr"] for r in runs if r["seed"] == 0})
-                    for i, lr in enumerate(lrs):  # a cell's n-th rate runs in round n, whatever it has tried
+                    for i, lr in enumerate(lrs):  # round = rates this cell has tried before this one
                         search_rounds[tried + i].append((key(lr, 0), method))
                     continue
                 lr = best_lr(runs)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, report_error
 
 HUB_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = run(quickstart_config(args.model, args.output_dir, args.method, **overrides))
     except ConfigError as err:
-        print(f"quickstart: error: {err}", file=sys.stderr)
+        report_error("quickstart", str(err))
         return 2
     before = results["initial_metrics"]["validation"]["accuracy"]
     after = results["metrics"]["validation"]["accuracy"]
